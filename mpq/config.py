@@ -1,0 +1,107 @@
+"""The base config every file in `configs/` starts from, and its validation.
+
+Fields (override any on the command line as `--config.FIELD=VALUE`):
+  dataset               'fashion_mnist' (local IDX files) or 'tfds:NAME' (prepared TFDS dataset)
+  data_dir              where the dataset lives ('' = the default places)
+  num_train_examples    keep only the first N training examples (0 = all)
+  num_test_examples     keep only the first N test examples (0 = all)
+  augment               'none', 'crop' or 'crop_flip' (random crop with 4-pixel padding, flip)
+  model, model_kwargs   a name from `mpq.models.MODELS` and its keyword arguments
+  batch_size            global batch (split over devices and processes)
+  eval_batch_size       global batch for evaluation
+  num_epochs            training length in epochs (may be fractional) ...
+  num_train_steps       ... or in steps, when > 0 (wins over num_epochs)
+  optimizer             'sgd' (with `momentum`, Nesterov), 'adam' or 'adamw'
+  learning_rate         peak learning rate
+  schedule              'cosine' (to 0) or 'constant', after `warmup_steps` of linear warm-up
+  weight_decay          decoupled (adamw) or L2 added to the gradient (sgd, adam); kernels only
+  grad_clip_norm        clip the global gradient norm (0 = off)
+  label_smoothing       for the cross-entropy loss
+  seed                  model init, data order and augmentation
+  log_every             steps between metric lines / TensorBoard points
+  eval_every            steps between evaluations on the test split (0 = once per epoch)
+  checkpoint_every      steps between checkpoints (0 = once per epoch); the last step is always saved
+  keep_checkpoints      how many recent checkpoints to keep (the best is kept separately)
+  init_from             a workdir whose latest checkpoint initialises the model (e.g. a float model)
+  quant                 quantization section; `quant.enabled=False` trains in float
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mpq.errors import UserError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dataset = "fashion_mnist"
+  c.data_dir = ""
+  c.num_train_examples = 0
+  c.num_test_examples = 0
+  c.augment = "none"
+
+  c.model = "cnn"
+  c.model_kwargs = ml_collections.ConfigDict()
+
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.num_epochs = 10.0
+  c.num_train_steps = -1
+  c.optimizer = "adamw"
+  c.momentum = 0.9
+  c.learning_rate = 1e-3
+  c.schedule = "cosine"
+  c.warmup_steps = 0
+  c.weight_decay = 1e-4
+  c.grad_clip_norm = 0.0
+  c.label_smoothing = 0.0
+  c.seed = 0
+
+  c.log_every = 50
+  c.eval_every = 0
+  c.checkpoint_every = 0
+  c.keep_checkpoints = 3
+  c.init_from = ""
+
+  c.quant = ml_collections.ConfigDict()
+  c.quant.enabled = False
+  c.quant.w_bits = 8
+  c.quant.a_bits = 8
+  c.quant.estimator = "lsq"
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for values that are of the right type but out of range."""
+  from mpq.data import AUGMENTATIONS  # pylint: disable=g-import-not-at-top
+  from mpq.models import MODELS  # pylint: disable=g-import-not-at-top
+
+  def check(ok, msg):
+    if not ok:
+      raise UserError(msg)
+
+  check(config.model in MODELS, f"config.model={config.model!r} is unknown; use one of {sorted(MODELS)}")
+  check(config.optimizer in OPTIMIZERS,
+        f"config.optimizer={config.optimizer!r} is unknown; use one of {OPTIMIZERS}")
+  check(config.schedule in SCHEDULES,
+        f"config.schedule={config.schedule!r} is unknown; use one of {SCHEDULES}")
+  check(config.augment in AUGMENTATIONS,
+        f"config.augment={config.augment!r} is unknown; use one of {AUGMENTATIONS}")
+  check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+  check(config.eval_batch_size > 0, f"config.eval_batch_size={config.eval_batch_size} must be positive")
+  check(config.num_train_steps > 0 or config.num_epochs > 0,
+        "set config.num_epochs > 0 or config.num_train_steps > 0")
+  check(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be positive")
+  check(config.weight_decay >= 0, f"config.weight_decay={config.weight_decay} must be >= 0")
+  check(config.log_every > 0, f"config.log_every={config.log_every} must be positive")
+  for key in ("eval_every", "checkpoint_every", "warmup_steps", "num_train_examples",
+              "num_test_examples"):
+    check(config[key] >= 0, f"config.{key}={config[key]} must be >= 0")
+  check(config.keep_checkpoints >= 1, f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1")
+  if config.quant.enabled:
+    raise UserError("config.quant.enabled=True: quantization-aware training is not implemented yet "
+                    "in this version of mpq; train in float (quant.enabled=False)")

@@ -1,0 +1,97 @@
+"""Layer factories: the single place where models get their dense, conv, add and pool layers.
+
+Models never construct `nnx.Linear`/`nnx.Conv` directly; they call a factory with the layer's stable
+path name (e.g. `stage1/block0/conv1`), so that quantized layers can replace float ones by passing
+another factory, and so that configs (regex rules) and exports refer to layers by that name. The
+name is stored on the layer (`layer.name`) and equals its path in the module tree joined with `/`
+(checked by `mpq.models.layer_table`).
+
+Every layer is called as `layer(x, train)`. `signed_input` tells a factory whether the layer's input
+can be negative (False after a ReLU): float layers ignore it; quantized layers pick a signed or an
+unsigned activation quantizer from it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_he = nnx.initializers.he_normal()
+
+
+class Layer(nnx.Module):
+  """Marker base of every factory-made layer; `name` is its stable path."""
+  name: str
+  kind: str = "layer"
+
+
+class Dense(Layer):
+  kind = "dense"
+
+  def __init__(self, name: str, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+    self.name = name
+    self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    return self.linear(x)
+
+
+class ConvBN(Layer):
+  """Convolution (no bias) followed by BatchNorm; `groups == in_features` makes it depthwise."""
+  kind = "conv_bn"
+
+  def __init__(self, name: str, in_features: int, out_features: int, kernel: int, stride: int = 1,
+               groups: int = 1, *, rngs: nnx.Rngs):
+    self.name = name
+    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding="SAME",
+                         feature_group_count=groups, use_bias=False, kernel_init=_he, rngs=rngs)
+    self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    return self.bn(self.conv(x), use_running_average=not train)
+
+
+class Add(Layer):
+  """Residual addition `a + b` (a layer so that its quantized form has a name and a place)."""
+  kind = "add"
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __call__(self, a, b, train: bool = False):
+    return a + b
+
+
+class GlobalAvgPool(Layer):
+  """Mean over the spatial axes: [B, H, W, C] -> [B, C]."""
+  kind = "avg_pool"
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __call__(self, x, train: bool = False):
+    return jnp.mean(x, axis=(1, 2))
+
+
+class FloatLayers:
+  """The float factory. A quantized factory has the same methods and returns quantized layers."""
+
+  def dense(self, name, in_features, out_features, *, signed_input=True, rngs):
+    del signed_input
+    return Dense(name, in_features, out_features, rngs=rngs)
+
+  def conv_bn(self, name, in_features, out_features, kernel, stride=1, groups=1, *,
+              signed_input=True, rngs):
+    del signed_input
+    return ConvBN(name, in_features, out_features, kernel, stride, groups, rngs=rngs)
+
+  def add(self, name):
+    return Add(name)
+
+  def avg_pool(self, name):
+    return GlobalAvgPool(name)
+
+
+relu = jax.nn.relu
+relu6 = jax.nn.relu6

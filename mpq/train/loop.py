@@ -1,0 +1,219 @@
+"""The training loop (`train_and_evaluate`) and checkpoint evaluation (`evaluate_checkpoint`).
+
+Resumption: re-running the same command on a workdir restores the newest checkpoint in
+`WORKDIR/checkpoints` and continues from its step. Batch k and every random draw of step k are
+functions of (seed, k) only (see `mpq.data.pipeline`), so a resumed run is the same computation as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mpq import config as config_lib
+from mpq import data as data_lib
+from mpq import models
+from mpq.errors import NonFiniteLossError, UserError
+from mpq.train import checkpoint as ckpt_lib
+from mpq.train import optim, parallel
+from mpq.train.metrics import MetricWriter
+from mpq.train.state import TrainState, init_state, make_eval_step, make_train_step
+
+_compiles = [0]
+
+
+def _on_event(event: str, *args, **kwargs):
+  del args, kwargs
+  if event == "/jax/core/compile/backend_compile_duration":
+    _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compile_count() -> int:
+  """XLA compilations in this process so far (a recompilation after step 1 is a bug)."""
+  return _compiles[0]
+
+
+def load_data(config) -> data_lib.Dataset:
+  return data_lib.load(config.dataset, config.data_dir or None, config.num_train_examples or None,
+                       config.num_test_examples or None)
+
+
+def num_steps(config, num_train: int) -> tuple[int, int]:
+  """(total train steps, steps per epoch)."""
+  per_epoch = max(num_train // config.batch_size, 1)
+  if config.num_train_steps > 0:
+    return config.num_train_steps, per_epoch
+  return max(1, math.ceil(config.num_epochs * per_epoch)), per_epoch
+
+
+def build_model(config, data: data_lib.Dataset):
+  return models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
+                      **config.model_kwargs.to_dict())
+
+
+def evaluate(eval_step, params, rest, data, batch_size: int, mesh) -> dict[str, float]:
+  """Loss and accuracy over the whole test split."""
+  totals = None
+  for batch in data_lib.eval_batches(data, batch_size, process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    out = eval_step(params, rest, parallel.shard_batch(batch, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  n = float(totals["count"])
+  return {"loss": float(totals["loss"]) / n, "accuracy": float(totals["correct"]) / n,
+          "num_examples": int(n)}
+
+
+def _first_non_finite(pending):
+  for step, m in pending:
+    if not np.isfinite(m["loss"]):
+      return step, float(m["loss"])
+  return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress=None) -> dict:
+  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final eval."""
+  parallel.maybe_initialize_distributed()
+  config_lib.validate(config)
+  data = load_data(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  total, per_epoch = num_steps(config, len(data.train))
+  eval_every = config.eval_every or per_epoch
+  ckpt_every = config.checkpoint_every or per_epoch
+
+  model = build_model(config, data)
+  tx = optim.build(config, total)
+  graphdef, state = init_state(model, tx)
+  del model
+
+  latest = ckpt_lib.steps(os.path.join(workdir, ckpt_lib.LATEST))
+  if latest:
+    state, meta = ckpt_lib.restore(os.path.join(workdir, ckpt_lib.LATEST), None, state)
+    print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
+  elif config.init_from:
+    state = _init_from(config.init_from, state)
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+  best_meta = checkpointer.best_meta()
+  best_acc = best_meta["metrics"]["accuracy"] if best_meta else -1.0
+
+  rep = parallel.replicated(mesh)
+  state = jax.device_put(state, rep)
+  train_step = jax.jit(make_train_step(graphdef, tx, config.label_smoothing),
+                       donate_argnums=(0,), out_shardings=(rep, rep))
+  eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
+
+  start = int(state.step)
+  ds = data_lib.train_dataset(data, config.batch_size, config.seed, total, config.augment,
+                              jax.process_index(), jax.process_count())
+  writer = MetricWriter(workdir, total, config.batch_size, start, progress)
+  pending, result = [], None
+  try:
+    step = start
+    for batch in data_lib.iterate(ds, start):
+      state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+      step += 1
+      pending.append((step, metrics))
+      do_eval = step % eval_every == 0 or step == total
+      do_ckpt = step % ckpt_every == 0 or step == total
+      if step % config.log_every == 0 or do_eval or do_ckpt:
+        pending = _flush(pending, writer, workdir, checkpointer)
+      writer.advance(step)
+      if do_eval:
+        result = evaluate(eval_step, state.params, state.rest, data, config.eval_batch_size, mesh)
+        writer.write(step, "test", {"loss": result["loss"], "accuracy": result["accuracy"]})
+      if do_ckpt:
+        is_best = do_eval and result["accuracy"] > best_acc
+        if is_best:
+          best_acc = result["accuracy"]
+        meta = {"step": step, "config": config.to_dict(), "metrics": result or {},
+                "epoch": step / per_epoch}
+        checkpointer.save(step, state, meta, best=is_best)
+    if result is None:  # resumed at the end: evaluate what is there
+      result = evaluate(eval_step, state.params, state.rest, data, config.eval_batch_size, mesh)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  return {**result, "step": int(state.step)}
+
+
+def _flush(pending, writer, workdir, checkpointer):
+  if not pending:
+    return []
+  fetched = jax.device_get(pending)
+  bad = _first_non_finite(fetched)
+  if bad is not None:
+    step, value = bad
+    last = checkpointer.latest_step()
+    kept = f"the last good checkpoint (step {last}) is kept" if last else "no checkpoint was saved"
+    raise NonFiniteLossError(f"loss became {value} at step {step}; {kept} in {workdir}; "
+                             "lower --config.learning_rate or set --config.grad_clip_norm")
+  step = fetched[-1][0]
+  mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+  writer.write(step, "train", mean)
+  return []
+
+
+def _init_from(init_dir: str, state: TrainState) -> TrainState:
+  """Takes params and non-param variables from `init_dir`'s latest checkpoint; fresh optimizer."""
+  directory = os.path.join(init_dir, ckpt_lib.LATEST)
+  restored, _ = ckpt_lib.restore(directory, None, state)
+  print(f"initialised from {init_dir} (step {int(restored.step)})", flush=True)
+  return state._replace(params=restored.params, rest=restored.rest)
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() != text:
+        print(f"note: the config differs from the one in {path}; keeping the new one "
+              "(the old one stays in the checkpoints' metadata)", flush=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "latest",
+                        overrides: dict | None = None) -> dict:
+  """Restores a checkpoint of `workdir` and evaluates it on the test split."""
+  parallel.maybe_initialize_distributed()
+  if not os.path.isdir(workdir):
+    raise UserError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
+  directory = os.path.join(workdir, ckpt_lib.LATEST if which == "latest" else ckpt_lib.BEST)
+  _, meta = ckpt_lib.restore(directory, step, None)
+  config = ml_collections.ConfigDict(meta["config"])
+  for k, v in (overrides or {}).items():
+    config[k] = v
+  data = load_data(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  model = build_model(config, data)
+  graphdef, state = init_state(model, optim.build(config, 1))
+  state, meta = ckpt_lib.restore(directory, meta["step"], state)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  eval_step = jax.jit(make_eval_step(graphdef))
+  t0 = time.time()
+  result = evaluate(eval_step, state.params, state.rest, data, config.eval_batch_size, mesh)
+  return {**result, "mode": "float", "step": int(meta["step"]), "config": config.to_dict(),
+          "seconds": time.time() - t0}
+

@@ -1,0 +1,81 @@
+"""The training state as a pytree, and the pure train and eval step functions.
+
+The model is split once with `nnx.split` into a static `graphdef` and two `nnx.State`s: `params`
+(`nnx.Param`, what the optimizer updates) and `rest` (every other variable: BatchNorm statistics and,
+with quantization, quantizer statistics). A step merges them back inside `jax.jit`, so the Python
+model is traced once and never re-traced per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar
+  params: nnx.State
+  rest: nnx.State
+  opt_state: Any
+
+
+def split_model(model: nnx.Module):
+  """Returns (graphdef, params, rest)."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation):
+  graphdef, params, rest = split_model(model)
+  return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Mean softmax cross-entropy with (optional) label smoothing, per example."""
+  num_classes = logits.shape[-1]
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    onehot = onehot * (1 - label_smoothing) + label_smoothing / num_classes
+  return optax.softmax_cross_entropy(logits, onehot)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, label_smoothing: float = 0.0):
+  """`train_step(state, batch) -> (state, metrics)`; jit it (the loop does)."""
+
+  def loss_fn(params, rest, batch):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    logits = model(batch["image"], train=True)
+    loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+    _, _, new_rest = split_model(model)
+    return loss, (logits, new_rest)
+
+  def train_step(state: TrainState, batch):
+    (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.rest, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "grad_norm": optax.global_norm(grads),
+    }
+    return TrainState(state.step + 1, params, rest, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  """`eval_step(params, rest, batch) -> sums` of loss, correct and count over unmasked examples."""
+
+  def eval_step(params, rest, batch):
+    model = nnx.merge(graphdef, params, rest)
+    logits = model(batch["image"], train=False)
+    mask = batch["mask"]
+    loss = cross_entropy(logits, batch["label"])
+    correct = jnp.argmax(logits, -1) == batch["label"]
+    return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+  return eval_step
