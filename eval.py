@@ -1,0 +1,48 @@
+"""Evaluates a checkpoint: `python eval.py --workdir=DIR [--step=N | --which=best] [--json=PATH]`."""
+
+import json
+import os
+
+from absl import app, flags
+
+from mpq import cli
+from mpq.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+flags.DEFINE_enum("which", "latest", ["latest", "best"], "Recent checkpoints or the best one.")
+flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
+flags.DEFINE_string("data_dir", None, "Override the dataset location stored in the checkpoint.")
+
+
+def table(rows):
+  """Formats [(name, value), ...] as a two-column text table."""
+  w = max(len(k) for k, _ in rows)
+  lines = [f"{'metric':<{w}}  value", f"{'-' * w}  {'-' * 12}"]
+  lines += [f"{k:<{w}}  {v}" for k, v in rows]
+  return "\n".join(lines)
+
+
+@cli.guarded
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
+  if not FLAGS.workdir:
+    raise UserError("--workdir is required: the directory of a training run")
+  from mpq.train import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
+  overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else None
+  r = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.which, overrides)
+  print(table([("workdir", FLAGS.workdir), ("step", r["step"]), ("mode", r["mode"]),
+               ("model", r["config"]["model"]), ("dataset", r["config"]["dataset"]),
+               ("examples", r["num_examples"]), ("accuracy", f"{100 * r['accuracy']:.2f}%"),
+               ("loss", f"{r['loss']:.4f}")]))
+  if FLAGS.json:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+    with open(FLAGS.json, "w", encoding="utf-8") as f:
+      json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+  cli.quiet_jax_logs()
+  app.run(main, flags_parser=cli.parse_flags)
