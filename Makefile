@@ -1,0 +1,31 @@
+# mpq: `make setup`, `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mpq-installed
+DEMO_DIR ?= workdirs/demo_cnn
+DEMO_EPOCHS ?= 3
+
+.PHONY: setup data demo test clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+data: $(STAMP)
+	@$(PY) -m mpq.data.fashion_mnist --install --quiet
+
+demo: setup
+	$(PY) train.py --config=configs/fmnist_cnn.py --workdir=$(DEMO_DIR) \
+	  --config.num_epochs=$(DEMO_EPOCHS) --config.warmup_steps=50
+	$(PY) eval.py --workdir=$(DEMO_DIR) --json=$(DEMO_DIR)/eval.json
+
+test: setup
+	@$(PY) -m pytest -x tests
+
+clean:
+	rm -rf workdirs .pytest_cache
