@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 data: $(STAMP)
-	@$(PY) -m mpq.data.fashion_mnist --install --quiet
+	@$(PY) -m mpq.data.install --quiet
 
 demo: setup
 	$(PY) train.py --config=configs/fmnist_cnn.py --workdir=$(DEMO_DIR) \

@@ -2,7 +2,7 @@
 
 Where the files are looked for, in order: the `data_dir` argument, `$MPQ_FASHION_MNIST_DIR`, Debian's
 package `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`), and `~/.cache/mpq/fashion-mnist`
-(where `python -m mpq.data.fashion_mnist --install` downloads them when the Debian package cannot be
+(where `python -m mpq.data.install` downloads them when the Debian package cannot be
 installed). `make setup` runs that installer.
 """
 
@@ -98,13 +98,3 @@ def install(quiet: bool = False) -> str:
     load_split(split, CACHE_DIR)
   return CACHE_DIR
 
-
-if __name__ == "__main__":
-  if sys.argv[1:] not in (["--install"], ["--install", "--quiet"]):
-    sys.exit("usage: python -m mpq.data.fashion_mnist --install [--quiet]")
-  try:
-    path = install(quiet="--quiet" in sys.argv)
-  except DataError as e:
-    sys.exit(f"error: {e}")
-  if "--quiet" not in sys.argv:
-    print(f"Fashion-MNIST ready in {path}")
