@@ -31,7 +31,7 @@ def build(name: str, num_classes: int, image_shape, *, seed: int = 0, layers=Non
 
 
 def layer_table(model: nnx.Module) -> dict[str, Layer]:
-  """Every factory-made layer by its path, in definition order; checks that names equal paths."""
+  """Every factory-made layer by its path (sorted by path); checks that names equal paths."""
   table = {}
   for path, module in nnx.iter_modules(model):
     if isinstance(module, Layer):
