@@ -25,32 +25,30 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def _flag_error_message(e: Exception) -> str:
+  text = " ".join(str(e).split())
+  if isinstance(e, (KeyError, AttributeError)):
+    # ml_collections raises AttributeError("'key'") for an override of a key the config lacks.
+    key = str(e).strip("\"'")
+    return f"unknown config key {key!r}; the fields are listed in mpq/config.py and the config file"
+  if isinstance(e, OSError):
+    return f"cannot load the config file: {text}"
+  if isinstance(e, flags.Error):
+    return text
+  return f"bad --config: {text}"  # TypeError/ValueError/SyntaxError: wrong types, broken files
+
+
 def parse_flags(argv):
   """absl flag parsing with one-line errors (config files and overrides are parsed here too)."""
   try:
-    argv = flags.FLAGS(argv)
+    parsed = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
       flags.FLAGS.config.to_dict()  # config_flags defers a load failure to the first access
-    return argv
-  except (KeyError, AttributeError) as e:
-    # ml_collections raises AttributeError("'key'") for an override of a key the config lacks.
+    return parsed
+  except (KeyError, AttributeError, OSError, flags.Error, TypeError, ValueError, SyntaxError) as e:
     if _verbose(argv):
       raise
-    key = str(e).strip("\"'")
-    fail(f"unknown config key {key!r}; the fields are listed in mpq/config.py and the config file")
-  except OSError as e:
-    if _verbose(argv):
-      raise
-    fail(f"cannot load the config file: {' '.join(str(e).split())}")
-  except flags.Error as e:
-    if _verbose(argv):
-      raise
-    fail(" ".join(str(e).split()))
-  except (TypeError, ValueError, SyntaxError) as e:
-    # ml_collections raises these for wrong types and broken config files.
-    if _verbose(argv):
-      raise
-    fail(f"bad --config: {' '.join(str(e).split())}")
+    fail(_flag_error_message(e))
 
 
 def guarded(main):
