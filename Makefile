@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mpq-installed
 DEMO_DIR ?= workdirs/demo_cnn
-DEMO_EPOCHS ?= 3
+DEMO_EPOCHS ?= 5
 
 .PHONY: setup data demo test clean
 

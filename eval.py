@@ -1,4 +1,8 @@
-"""Evaluates a checkpoint: `python eval.py --workdir=DIR [--step=N | --which=best] [--json=PATH]`."""
+"""Evaluates a checkpoint.
+
+  python eval.py --workdir=DIR [--step=N | --which=best] [--json=PATH] [--mode=float|fake_quant]
+  python eval.py --workdir=FLOAT_DIR --ptq [--w_bits=8 --a_bits=8 --calib_act=percentile]
+"""
 
 import json
 import os
@@ -14,6 +18,15 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "Recent checkpoints or the best one.")
 flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
 flags.DEFINE_string("data_dir", None, "Override the dataset location stored in the checkpoint.")
+flags.DEFINE_enum("mode", "auto", ["auto", "float", "fake_quant"],
+                  "auto: fake_quant for QAT checkpoints (and --ptq), float otherwise; float on a QAT "
+                  "checkpoint bypasses its quantizers.")
+flags.DEFINE_bool("ptq", False, "Post-training quantization: calibrate a float checkpoint on training "
+                  "batches and evaluate it fake-quantized.")
+flags.DEFINE_integer("w_bits", 8, "--ptq: weight bits.")
+flags.DEFINE_integer("a_bits", 8, "--ptq: activation bits.")
+flags.DEFINE_string("calib_act", "percentile", "--ptq: max, percentile, mse or entropy.")
+flags.DEFINE_string("calib_weight", "mse", "--ptq: max or mse (per channel).")
 
 
 def table(rows):
@@ -32,7 +45,11 @@ def main(argv):
     raise UserError("--workdir is required: the directory of a training run")
   from mpq.train import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
   overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else None
-  r = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.which, overrides)
+  ptq = None
+  if FLAGS.ptq:
+    ptq = {"w_bits": FLAGS.w_bits, "a_bits": FLAGS.a_bits, "calib_act": FLAGS.calib_act,
+           "calib_weight": FLAGS.calib_weight, "estimator": "lsq"}
+  r = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.which, overrides, FLAGS.mode, ptq)
   print(table([("workdir", FLAGS.workdir), ("step", r["step"]), ("mode", r["mode"]),
                ("model", r["config"]["model"]), ("dataset", r["config"]["dataset"]),
                ("examples", r["num_examples"]), ("accuracy", f"{100 * r['accuracy']:.2f}%"),

@@ -23,7 +23,19 @@ Fields (override any on the command line as `--config.FIELD=VALUE`):
   checkpoint_every      steps between checkpoints (0 = once per epoch); the last step is always saved
   keep_checkpoints      how many recent checkpoints to keep (the best is kept separately)
   init_from             a workdir whose latest checkpoint initialises the model (e.g. a float model)
-  quant                 quantization section; `quant.enabled=False` trains in float
+  quant                 quantization-aware training (off: `quant.enabled=False`):
+    enabled             train with fake-quantized weights and activations
+    w_bits, a_bits      default bitwidths (2..16) of every dense/conv weight and layer input
+    estimator           default gradient estimator: none, ste, lsq, lsq+, tqt, noise, dbits
+    rules               ordered (regex, dict(w_bits=, a_bits=, estimator=)) pairs over layer paths,
+                        first full match wins (see `mpq.quant.rules`)
+    calib_act           activation calibration before training: max, percentile, mse, entropy
+    calib_weight        weight calibration (per channel): max, mse
+    calib_percentile    for calib_act=percentile
+    calib_batches       training batches used for calibration
+    bn_freeze_step      training steps after which folded BatchNorm uses its EMA statistics (-1: never)
+    ema_decay           EMA decay of the activation ranges of the `ste` estimator
+    noise_lambda0, noise_tau   `noise` estimator: amplitude lambda0 * exp(-step / tau)
 """
 
 from __future__ import annotations
@@ -72,6 +84,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.w_bits = 8
   c.quant.a_bits = 8
   c.quant.estimator = "lsq"
+  c.quant.rules = ()
+  c.quant.calib_act = "percentile"
+  c.quant.calib_weight = "mse"
+  c.quant.calib_percentile = 99.99
+  c.quant.calib_batches = 4
+  c.quant.bn_freeze_step = -1
+  c.quant.ema_decay = 0.99
+  c.quant.noise_lambda0 = 0.5
+  c.quant.noise_tau = 1000.0
   return c
 
 
@@ -102,6 +123,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "num_test_examples"):
     check(config[key] >= 0, f"config.{key}={config[key]} must be >= 0")
   check(config.keep_checkpoints >= 1, f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1")
-  if config.quant.enabled:
-    raise UserError("config.quant.enabled=True: quantization-aware training is not implemented yet "
-                    "in this version of mpq; train in float (quant.enabled=False)")
+  qc = config.quant
+  from mpq.quant import calibration as calib  # pylint: disable=g-import-not-at-top
+  from mpq.quant import rules  # pylint: disable=g-import-not-at-top
+  rules._check("config.quant", {"w_bits": qc.w_bits, "a_bits": qc.a_bits,  # pylint: disable=protected-access
+                                "estimator": qc.estimator})
+  check(qc.calib_act in calib.ACT_METHODS,
+        f"config.quant.calib_act={qc.calib_act!r} is unknown; use one of {calib.ACT_METHODS}")
+  check(qc.calib_weight in calib.WEIGHT_METHODS,
+        f"config.quant.calib_weight={qc.calib_weight!r} is unknown; use one of {calib.WEIGHT_METHODS}")
+  check(0 < qc.calib_percentile <= 100,
+        f"config.quant.calib_percentile={qc.calib_percentile} must be in (0, 100]")
+  check(qc.calib_batches >= 1, f"config.quant.calib_batches={qc.calib_batches} must be >= 1")
+  check(qc.noise_tau > 0, f"config.quant.noise_tau={qc.noise_tau} must be positive")

@@ -13,11 +13,37 @@ unsigned activation quantizer from it.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 _he = nnx.initializers.he_normal()
+_recorders: list[dict] = []
+
+
+@contextlib.contextmanager
+def record_costs():
+  """Within the block, every dense/conv call records `{name: {"params", "macs", "in", "out"}}`
+  into the yielded dict (used with `jax.eval_shape` by `mpq.models.layer_costs`)."""
+  table: dict = {}
+  _recorders.append(table)
+  try:
+    yield table
+  finally:
+    _recorders.remove(table)
+
+
+def note_cost(name: str, kernel_shape, x_shape, y_shape, params: int) -> None:
+  """Records a layer call: MACs = output elements per example x kernel fan-in."""
+  if not _recorders:
+    return
+  fan_in = int(np.prod(kernel_shape[:-1]))
+  macs = int(np.prod(y_shape[1:])) * fan_in
+  for t in _recorders:
+    t[name] = {"params": int(params), "macs": macs, "in": list(x_shape[1:]), "out": list(y_shape[1:])}
 
 
 class Layer(nnx.Module):
@@ -34,7 +60,11 @@ class Dense(Layer):
     self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
 
   def __call__(self, x, train: bool = False):
-    return self.linear(x)
+    x = x.reshape(x.shape[0], -1)  # [B, H, W, C] inputs are flattened row-major
+    y = self.linear(x)
+    note_cost(self.name, self.linear.kernel.value.shape, x.shape, y.shape,
+              self.linear.kernel.value.size + self.linear.bias.value.size)
+    return y
 
 
 class ConvBN(Layer):
@@ -49,7 +79,9 @@ class ConvBN(Layer):
     self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
   def __call__(self, x, train: bool = False):
-    return self.bn(self.conv(x), use_running_average=not train)
+    y = self.conv(x)
+    note_cost(self.name, self.conv.kernel.value.shape, x.shape, y.shape, self.conv.kernel.value.size)
+    return self.bn(y, use_running_average=not train)
 
 
 class Add(Layer):
@@ -74,6 +106,26 @@ class GlobalAvgPool(Layer):
     return jnp.mean(x, axis=(1, 2))
 
 
+class MaxPool(Layer):
+  """Max over non-overlapping `window` x `window` patches (stride = window, VALID padding).
+
+  Written as crop + reshape + max rather than `lax.reduce_window`: on XLA CPU the gradient of
+  `reduce_window` max (select-and-scatter) is about 9x slower than that of a reshaped max.
+  """
+  kind = "max_pool"
+
+  def __init__(self, name: str, window: int = 2):
+    self.name = name
+    self.window = window
+
+  def __call__(self, x, train: bool = False):
+    w = self.window
+    b, h, wd, c = x.shape
+    h, wd = h // w, wd // w
+    x = x[:, :h * w, :wd * w]
+    return x.reshape(b, h, w, wd, w, c).max(axis=(2, 4))
+
+
 class FloatLayers:
   """The float factory. A quantized factory has the same methods and returns quantized layers."""
 
@@ -91,6 +143,9 @@ class FloatLayers:
 
   def avg_pool(self, name):
     return GlobalAvgPool(name)
+
+  def max_pool(self, name, window=2):
+    return MaxPool(name, window)
 
 
 relu = jax.nn.relu

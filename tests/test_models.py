@@ -9,7 +9,7 @@ from mpq.errors import UserError
 
 @pytest.mark.parametrize("name,shape,n_layers", [
     ("mlp", (28, 28, 1), 3),
-    ("cnn", (28, 28, 1), 6),
+    ("cnn", (28, 28, 1), 8),
     ("resnet20", (28, 28, 1), 32),
     ("resnet20", (32, 32, 3), 32),
     ("mobilenet_v2", (32, 32, 3), 66),

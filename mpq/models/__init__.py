@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from mpq.errors import UserError
-from mpq.layers import FloatLayers, Layer
+from mpq.layers import FloatLayers, Layer, record_costs
 from mpq.models.cnn import CNN
 from mpq.models.mlp import MLP
 from mpq.models.mobilenet import MobileNetV2
@@ -40,3 +42,13 @@ def layer_table(model: nnx.Module) -> dict[str, Layer]:
         raise AssertionError(f"layer named {module.name!r} sits at path {p!r}")
       table[p] = module
   return table
+
+
+def layer_costs(model: nnx.Module, image_shape) -> dict[str, dict]:
+  """Per dense/conv layer: `{"params", "macs" (per example), "in", "out" (shapes)}`, from one
+  abstract forward pass (`jax.eval_shape`, no computation)."""
+  graphdef, state = nnx.split(model)
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  with record_costs() as table:
+    jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=False), state, x)
+  return dict(sorted(table.items()))

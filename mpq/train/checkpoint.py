@@ -133,3 +133,47 @@ def restore(directory: str, step: int | None, like) -> tuple[Any, dict]:
                           "delete that step directory to fall back to an earlier one") from None
   finally:
     mngr.close()
+
+
+def restore_subset(directory: str, step: int | None, like: dict) -> tuple[dict, dict]:
+  """Restores the entries of `like` (`{"params": ..., "rest": ...}`) that the checkpoint holds.
+
+  Every `params.*` / `rest.*` entry of the checkpoint must exist in `like` with the same shape (so a
+  float checkpoint fits its quantized model, not the reverse); entries of `like` the checkpoint
+  lacks keep their values. Returns (filled `like`, meta).
+  """
+  available = steps(directory)
+  if not available:
+    raise CheckpointError(f"no checkpoint in {directory}; train first (train.py --workdir=...)")
+  step = max(available) if step is None else step
+  if step not in available:
+    raise CheckpointError(f"no checkpoint for step {step} in {directory}; available: {available}")
+  where = f"checkpoint {os.path.join(directory, str(step))}"
+  mngr = _manager(directory, 1, read_only=True)
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                     meta=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax/tensorstore raise many types for damaged files.
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CheckpointError(f"{where} is unreadable or corrupt ({type(e).__name__}: {msg[:200]}); "
+                          "delete that step directory to fall back to an earlier one") from None
+  finally:
+    mngr.close()
+  raw = {k: v for k, v in out["state"].items() if k.startswith(("params.", "rest."))}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  names = [jax.tree_util.keystr(p, simple=True, separator=".") for p, _ in leaves]
+  extra = sorted(set(raw) - set(names))
+  if extra:
+    raise CheckpointError(f"{where} does not fit this model: it holds {extra[:3]}"
+                          f"{'...' if len(extra) > 3 else ''}, which this model lacks; "
+                          "use the same model and model_kwargs")
+  filled = []
+  for n, (_, ref) in zip(names, leaves):
+    if n in raw:
+      if np.shape(raw[n]) != np.shape(ref):
+        raise CheckpointError(f"{where}: {n} has shape {np.shape(raw[n])}, the model expects "
+                              f"{np.shape(ref)}; use the same model and model_kwargs")
+      filled.append(np.asarray(raw[n], dtype=np.asarray(ref).dtype))
+    else:
+      filled.append(ref)
+  return jax.tree_util.tree_unflatten(treedef, filled), dict(out["meta"])

@@ -16,15 +16,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from mpq import config as config_lib
 from mpq import data as data_lib
-from mpq import models
+from mpq import models, quant
+from mpq.quant import model as quant_model
 from mpq.errors import NonFiniteLossError, UserError
 from mpq.train import checkpoint as ckpt_lib
 from mpq.train import optim, parallel
 from mpq.train.metrics import MetricWriter
-from mpq.train.state import TrainState, init_state, make_eval_step, make_train_step
+from mpq.train.state import (TrainState, init_state, make_eval_step, make_train_step,
+                             split_model)
 
 _compiles = [0]
 
@@ -56,9 +59,24 @@ def num_steps(config, num_train: int) -> tuple[int, int]:
   return max(1, math.ceil(config.num_epochs * per_epoch)), per_epoch
 
 
-def build_model(config, data: data_lib.Dataset):
+def build_model(config, data: data_lib.Dataset, bypass: bool = False):
+  """(model, quantization table or None). With `config.quant.enabled` the model is built from
+  quantized layers per `config.quant` (rules resolved once); `bypass` makes its quantizers identity."""
+  if config.quant.enabled:
+    return quant_model.build(config, data.num_classes, data.image_shape, bypass=bypass)
   return models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
-                      **config.model_kwargs.to_dict())
+                      **config.model_kwargs.to_dict()), None
+
+
+def calibrate_state(config, data, graphdef, state: TrainState) -> TrainState:
+  """Sets quantizer ranges from `quant.calib_batches` training batches (Wu et al. 2020)."""
+  qc = config.quant
+  ds = data_lib.train_dataset(data, config.batch_size, config.seed + 1, qc.calib_batches)
+  images = [np.asarray(b["image"]) for b in data_lib.iterate(ds, 0)]
+  model = nnx.merge(graphdef, state.params, state.rest)
+  quant.calibrate(model, images, qc.calib_act, qc.calib_weight, qc.calib_percentile)
+  _, params, rest = split_model(model)
+  return state._replace(params=params, rest=rest)
 
 
 def evaluate(eval_step, params, rest, data, batch_size: int, mesh) -> dict[str, float]:
@@ -93,19 +111,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
   eval_every = config.eval_every or per_epoch
   ckpt_every = config.checkpoint_every or per_epoch
 
-  model = build_model(config, data)
+  model, qtable = build_model(config, data)
   tx = optim.build(config, total)
   graphdef, state = init_state(model, tx)
-  del model
 
   latest = ckpt_lib.steps(os.path.join(workdir, ckpt_lib.LATEST))
   if latest:
     state, meta = ckpt_lib.restore(os.path.join(workdir, ckpt_lib.LATEST), None, state)
     print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
-  elif config.init_from:
-    state = _init_from(config.init_from, state)
+  else:
+    if config.init_from:
+      state = _init_from(config.init_from, state)
+    if qtable is not None:
+      state = calibrate_state(config, data, graphdef, state)
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
+  if qtable is not None and jax.process_index() == 0:
+    model = nnx.merge(graphdef, state.params, state.rest)
+    quant_model.write_bits(os.path.join(workdir, "bits.json"),
+                           quant_model.bits_table(model, qtable, data.image_shape))
+  del model
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
   best_meta = checkpointer.best_meta()
@@ -170,11 +195,17 @@ def _flush(pending, writer, workdir, checkpointer):
 
 
 def _init_from(init_dir: str, state: TrainState) -> TrainState:
-  """Takes params and non-param variables from `init_dir`'s latest checkpoint; fresh optimizer."""
+  """Takes the model variables from `init_dir`'s latest checkpoint; fresh optimizer and step.
+
+  Every model variable of that checkpoint must exist in this model with the same shape (a float
+  checkpoint fits its quantized model: quantized layers keep the float names); variables only this
+  model has (quantizer state) keep their initial values and are calibrated afterwards.
+  """
   directory = os.path.join(init_dir, ckpt_lib.LATEST)
-  restored, _ = ckpt_lib.restore(directory, None, state)
-  print(f"initialised from {init_dir} (step {int(restored.step)})", flush=True)
-  return state._replace(params=restored.params, rest=restored.rest)
+  like = {"params": state.params, "rest": state.rest}
+  restored, meta = ckpt_lib.restore_subset(directory, None, like)
+  print(f"initialised from {init_dir} (step {meta['step']})", flush=True)
+  return state._replace(params=restored["params"], rest=restored["rest"])
 
 
 def _write_config(config, workdir: str) -> None:
@@ -194,8 +225,13 @@ def _write_config(config, workdir: str) -> None:
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "latest",
-                        overrides: dict | None = None) -> dict:
-  """Restores a checkpoint of `workdir` and evaluates it on the test split."""
+                        overrides: dict | None = None, mode: str = "auto", ptq=None) -> dict:
+  """Restores a checkpoint of `workdir` and evaluates it on the test split.
+
+  `mode`: 'fake_quant' (default for QAT checkpoints), 'float' (a QAT checkpoint with its quantizers
+  bypassed) or 'auto'. `ptq`: calibrate a float checkpoint and evaluate it quantized; a dict of
+  `config.quant` overrides (e.g. `{"w_bits": 8, "a_bits": 8, "calib_act": "mse"}`) or True.
+  """
   parallel.maybe_initialize_distributed()
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
@@ -207,13 +243,38 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   data = load_data(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  model = build_model(config, data)
+  if mode not in ("auto", "float", "fake_quant"):
+    raise UserError(f"--mode={mode!r} is unknown; use float or fake_quant")
+  if mode == "auto":
+    mode = "fake_quant" if config.quant.enabled or ptq else "float"
+  if mode == "fake_quant" and not config.quant.enabled and not ptq:
+    raise UserError(f"{workdir} holds a float model; evaluate it with --mode=float, or quantize it "
+                    "with --ptq")
+  ckpt_step = meta["step"]
+  if ptq:  # a float checkpoint evaluated through a calibrated quantized model
+    if config.quant.enabled:
+      raise UserError(f"{workdir} already holds a quantized model; --ptq takes a float checkpoint")
+    config.quant.enabled = True
+    for k, v in (ptq if isinstance(ptq, dict) else {}).items():
+      config.quant[k] = v
+    config_lib.validate(config)
+  model, qtable = build_model(config, data, bypass=mode == "float" and config.quant.enabled)
   graphdef, state = init_state(model, optim.build(config, 1))
-  state, meta = ckpt_lib.restore(directory, meta["step"], state)
+  if ptq:
+    restored, meta = ckpt_lib.restore_subset(directory, ckpt_step, {"params": state.params,
+                                                                     "rest": state.rest})
+    state = calibrate_state(config, data, graphdef,
+                            state._replace(params=restored["params"], rest=restored["rest"]))
+  else:
+    state, meta = ckpt_lib.restore(directory, ckpt_step, state)
   state = jax.device_put(state, parallel.replicated(mesh))
   eval_step = jax.jit(make_eval_step(graphdef))
   t0 = time.time()
   result = evaluate(eval_step, state.params, state.rest, data, config.eval_batch_size, mesh)
-  return {**result, "mode": "float", "step": int(meta["step"]), "config": config.to_dict(),
-          "seconds": time.time() - t0}
+  out = {**result, "mode": mode, "step": int(meta["step"]), "config": config.to_dict(),
+         "seconds": time.time() - t0}
+  if qtable is not None:
+    out["bits"] = quant_model.bits_table(nnx.merge(graphdef, state.params, state.rest), qtable,
+                                         data.image_shape)
+  return out
 

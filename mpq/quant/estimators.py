@@ -1,0 +1,165 @@
+"""Gradient estimators for fake quantization, each a `jax.custom_vjp` with its math written down.
+
+Notation: `v = x / s`; `n, p` the integer range (signed `n = -2^(b-1), p = 2^(b-1) - 1`, unsigned
+`n = 0, p = 2^b - 1`); "inside" means `n <= v <= p`. All functions are elementwise in `x` with
+parameters (`s`, `log2_t`, ...) broadcasting against `x`: a parameter's gradient is the sum over
+the elements that share it.
+
+ste    (Jacob et al. 2017)   `fake_quant` in `mpq.quant.core`: range from statistics, no range gradient.
+lsq    (Esser et al. 2019)   `lsq(x, s, n, p)`; `lsq_plus` adds a learned offset (LSQ+).
+tqt    (Jain et al. 2019)    `tqt(x, log2_t, bits, signed)`: power-of-2 scale from a log2 threshold.
+noise  (Wang et al. 2022)    `noisy(q, x, amplitude, key)`: error-aware noise on top of `lsq`.
+dbits  (Uhlich et al. 2020, SDQ)  `dbits(x, amax, bits, signed)`: continuous bitwidth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mpq.quant.core import MAX_BITS, MIN_BITS, pow2i, qrange, reduce_to
+
+LN2 = math.log(2.0)
+
+
+def scale_grad(s, g):
+  """Returns `s` unchanged in value with its gradient multiplied by `g` (LSQ gradient scaling).
+
+  `s' = stop_gradient(s - g * s) + g * s`, so `s' == s` and `dL/ds = g * dL/ds'`.
+  """
+  return jax.lax.stop_gradient(s - g * s) + g * s
+
+
+def lsq_grad_scale(n_per_scale, qmax) -> jax.Array:
+  """LSQ's gradient scale `g = 1 / sqrt(N * Qp)` (N = elements sharing one step size)."""
+  return jax.lax.rsqrt(jnp.maximum(n_per_scale * qmax, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------- LSQ
+@jax.custom_vjp
+def lsq(x, s, n, p):
+  """Learned-step-size fake quantization (Esser et al. 2019, "Learned Step Size Quantization").
+
+  Forward:   `x_hat = round(clip(x / s, n, p)) * s`
+  Backward:  `d x_hat / d x = 1` inside, 0 outside;
+             `d x_hat / d s = round(v) - v` inside, `n` below, `p` above (summed to `s`'s shape).
+  No gradient reaches `n` and `p`. Apply `scale_grad(s, lsq_grad_scale(N, p))` to `s` first for
+  the paper's gradient scale.
+  """
+  return jnp.round(jnp.clip(x / s, n, p)) * s
+
+
+def _lsq_fwd(x, s, n, p):
+  v = x / s
+  return jnp.round(jnp.clip(v, n, p)) * s, (v, s, n, p)
+
+
+def _lsq_bwd(res, g):
+  v, s, n, p = res
+  inside = (v >= n) & (v <= p)
+  dx = jnp.where(inside, g, 0.0)
+  ds_elem = jnp.where(v < n, n, jnp.where(v > p, p, jnp.round(v) - v))
+  ds = reduce_to(g * ds_elem, jnp.shape(s))
+  return dx, ds, jnp.zeros_like(n), jnp.zeros_like(p)
+
+
+lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def lsq_plus(x, s, beta, n, p):
+  """LSQ+ (Bhalgat et al. 2020): learned offset `beta` for asymmetric activations.
+
+  `x_hat = round(clip((x - beta) / s, n, p)) * s + beta`. Through `lsq`'s gradients:
+  `d x_hat / d beta = 1 - d x_hat / d x` = 0 inside, 1 outside; `d/ds` as for `lsq` at `x - beta`.
+  """
+  return lsq(x - beta, s, n, p) + beta
+
+
+# ----------------------------------------------------------------------------------------------- TQT
+@jax.custom_vjp
+def _tqt(x, log2_t, denom, n, p):
+  s = jnp.exp2(jnp.ceil(log2_t)) / denom
+  return jnp.clip(jnp.round(x / s), n, p) * s
+
+
+def _tqt_fwd(x, log2_t, denom, n, p):
+  s = jnp.exp2(jnp.ceil(log2_t)) / denom
+  v = x / s
+  return jnp.clip(jnp.round(v), n, p) * s, (v, s, log2_t, denom, n, p)
+
+
+def _tqt_bwd(res, g):
+  v, s, log2_t, denom, n, p = res
+  inside = (v >= n) & (v <= p)
+  dx = jnp.where(inside, g, 0.0)
+  dl = s * LN2 * jnp.where(v < n, n, jnp.where(v > p, p, jnp.round(v) - v))
+  z = jnp.zeros_like
+  return dx, reduce_to(g * dl, jnp.shape(log2_t)), z(denom), z(n), z(p)
+
+
+_tqt.defvjp(_tqt_fwd, _tqt_bwd)
+
+
+def tqt_scale(log2_t, bits, signed: bool) -> jax.Array:
+  """TQT's power-of-2 scale `2^ceil(log2_t) / 2^(b-1)` (signed) or `/ 2^b` (unsigned)."""
+  return jnp.exp2(jnp.ceil(log2_t)) / pow2i(jnp.asarray(bits) - (1 if signed else 0))
+
+
+def tqt(x, log2_t, bits, signed: bool):
+  """Trained quantization thresholds (Jain et al. 2019, arXiv 1903.08066).
+
+  Forward:   `s = 2^ceil(log2_t) / 2^(b-1)` (signed; `/ 2^b` unsigned), `q = clip(round(x/s), n, p) * s`
+  Backward:  `d q / d x = 1` inside, 0 outside (round and ceil pass straight through);
+             `d q / d log2_t = s ln2 (round(v) - v)` inside, `s ln2 n` below, `s ln2 p` above.
+  """
+  n, p = qrange(bits, signed)
+  denom = pow2i(jnp.asarray(bits) - (1 if signed else 0))
+  return _tqt(x, log2_t, denom, n, p)
+
+
+# --------------------------------------------------------------------------------------------- noise
+def noise_amplitude(step, lambda0: float, tau: float) -> jax.Array:
+  """`lambda0 * exp(-step / tau)`: the decaying noise amplitude (0 when `lambda0 == 0`)."""
+  return lambda0 * jnp.exp(-jnp.asarray(step, jnp.float32) / tau)
+
+
+def noisy(q, x, amplitude, key):
+  """Quantization-error-aware noise on a fake-quantized `q = Q(x)` (Wang et al. 2022, noise tempering).
+
+  `y = q + amplitude * |q - x| * u`, `u ~ Uniform(-1, 1)` per element, with the noise term held
+  constant in the backward pass (`stop_gradient`), so the gradients are those of `q` (LSQ). The
+  noise scales with the actual rounding/clipping error of each element and vanishes with
+  `amplitude`: at amplitude 0, `y == q` exactly. (The paper's exact formula was not at hand; this is
+  the documented behaviour from its abstract: exact quantization plus error-proportional noise whose
+  amplitude decays exponentially.)
+  """
+  u = jax.random.uniform(key, jnp.shape(q), jnp.float32, -1.0, 1.0)
+  return q + jax.lax.stop_gradient(amplitude * jnp.abs(q - x) * u)
+
+
+# --------------------------------------------------------------------------------------------- dbits
+def dbits(x, amax, bits, signed: bool, grad_scale=1.0):
+  """Differentiable bitwidth (Uhlich et al. 2020 parametrisation; SDQ-style interpolation).
+
+  The clipping range `amax` and a continuous bitwidth `b` are parameters. With `b` clipped to
+  [MIN_BITS, MAX_BITS] (the gradient passes the clip straight through, so `b` can re-enter), `lo = min(floor(b), MAX_BITS - 1)`, `f = b - lo` (lo held constant):
+
+      Q_k(x) = lsq(x, amax / p_k, n_k, p_k)          (k = lo, lo + 1; p_k = qmax at k bits)
+      y      = (1 - f) Q_lo(x) + f Q_lo+1(x)
+
+  so `dy/db = Q_lo+1(x) - Q_lo(x)`, `dy/dx` and `dy/d amax` are the interpolated LSQ gradients
+  (through `s_k = amax / p_k`). `grad_scale` multiplies `amax`'s gradient (LSQ-style). At integer
+  `b` the forward is exactly `b`-bit quantization with step `amax / p_b`.
+  """
+  b = bits + jax.lax.stop_gradient(jnp.clip(bits, MIN_BITS, MAX_BITS) - bits)  # straight-through clip
+  lo = jax.lax.stop_gradient(jnp.minimum(jnp.floor(b), MAX_BITS - 1))
+  f = b - lo
+  amax = scale_grad(amax, grad_scale)
+
+  def q(k):
+    n, p = qrange(k, signed, narrow=signed)
+    return lsq(x, amax / p, n, p)
+
+  return (1.0 - f) * q(lo) + f * q(lo + 1)

@@ -1,0 +1,174 @@
+"""Quantized layers and the `QuantLayers` factory that builds them in place of the float ones.
+
+Quantized layers keep the float layers' parameter names (`linear.kernel`, `conv.kernel`, `bn.scale`,
+...), so a float checkpoint initialises them (`init_from`); their quantizers sit beside them as
+`wq` (weight) and `aq` (input activation), `aq_a`/`aq_b` for additions.
+
+Quantized forms (what the integer exporter reproduces):
+  QuantDense    `y = Q_a(x) @ Q_w(W) + b`                        (bias in float here, int32 on export)
+  QuantConvBN   BatchNorm folded into the conv (Jacob et al. 2017), `sigma = sqrt(var_ema + eps)`:
+                  w_fold = W * gamma / sigma,  y_q = conv(Q_a(x), Q_w(w_fold))
+                  frozen / eval:  y = y_q + (beta - gamma * mean_ema / sigma)
+                  training before `bn_freeze_step`:  y_raw = y_q * sigma / gamma (the unfolded conv
+                  output), then BatchNorm with batch statistics of y_raw, updating the EMA; this is
+                  Jacob et al.'s correction `sigma_ema / sigma_batch` applied with one convolution.
+                Evaluation is therefore exactly "integer conv with the folded weight + folded bias".
+  QuantAdd      `y = Q_a(a) + Q_b(b)`: both inputs on their own signed grids, summed; the exporter
+                rescales both to the output grid of the next quantizer.
+  pooling       float layers: max pooling commutes with the monotone quantizer that follows it;
+                global average pooling is exported as an integer sum and a rescale into the next
+                layer's input grid (whose quantizer is the one that rounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mpq import layers as float_layers
+from mpq.layers import Layer, note_cost
+from mpq.quant.quantizer import Quantizer
+
+_he = nnx.initializers.he_normal()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+  """Resolved quantization settings of one layer."""
+  w_bits: float = 8
+  a_bits: float = 8
+  estimator: str = "lsq"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+  """Settings shared by every quantized layer (from the `quant` config section)."""
+  bn_freeze_step: int = -1  # training calls after which BatchNorm uses its EMA statistics (-1: never)
+  ema_decay: float = 0.99
+  noise_lambda0: float = 0.5
+  noise_tau: float = 1000.0
+  bypass: bool = False  # build every quantizer as identity (evaluate a QAT checkpoint in float)
+
+
+def _quantizer(name, role, lq: LayerQuant, opts: QuantOptions, **kw):
+  bits = lq.w_bits if role == "weight" else lq.a_bits
+  return Quantizer(name, role, lq.estimator, bits, ema_decay=opts.ema_decay,
+                   noise_lambda0=opts.noise_lambda0, noise_tau=opts.noise_tau, bypass=opts.bypass,
+                   **kw)
+
+
+class QuantDense(Layer):
+  kind = "dense"
+
+  def __init__(self, name, in_features, out_features, lq: LayerQuant, opts: QuantOptions, *,
+               signed_input=True, rngs):
+    self.name = name
+    self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
+    self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=2)
+    self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
+
+  def __call__(self, x, train: bool = False):
+    x = self.aq(x.reshape(x.shape[0], -1), train)
+    w = self.wq(self.linear.kernel.value, train)
+    y = x @ w + self.linear.bias.value
+    note_cost(self.name, w.shape, x.shape, y.shape, w.size + self.linear.bias.value.size)
+    return y
+
+
+class QuantConvBN(Layer):
+  kind = "conv_bn"
+
+  def __init__(self, name, in_features, out_features, kernel, stride, groups, lq: LayerQuant,
+               opts: QuantOptions, *, signed_input=True, rngs):
+    self.name = name
+    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding="SAME",
+                         feature_group_count=groups, use_bias=False, kernel_init=_he, rngs=rngs)
+    self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+    self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=4)
+    self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
+    self.bn_freeze_step = opts.bn_freeze_step
+    self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+  def folded(self):
+    """(folded kernel, folded bias, sigma) from the EMA statistics."""
+    bn = self.bn
+    sigma = jnp.sqrt(bn.var.value + bn.epsilon)
+    gamma = bn.scale.value
+    w = self.conv.kernel.value * (gamma / sigma)
+    b = bn.bias.value - gamma * bn.mean.value / sigma
+    return w, b, sigma
+
+  def _conv(self, x, w):
+    c = self.conv
+    strides = (c.strides,) * 2 if isinstance(c.strides, int) else tuple(c.strides)
+    return jax.lax.conv_general_dilated(
+        x, w, strides, "SAME", feature_group_count=c.feature_group_count,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def __call__(self, x, train: bool = False):
+    w_fold, b_fold, sigma = self.folded()
+    xq = self.aq(x, train)
+    wq = self.wq(w_fold, train)
+    y = self._conv(xq, wq)
+    note_cost(self.name, wq.shape, x.shape, y.shape, wq.size)
+    if not train:
+      return y + b_fold
+    bn = self.bn
+    gamma = bn.scale.value
+    self.calls.value = self.calls.value + 1
+    frozen = (self.bn_freeze_step >= 0) & (self.calls.value > self.bn_freeze_step)
+    safe_gamma = jnp.where(jnp.abs(gamma) < 1e-6, jnp.where(gamma < 0, -1e-6, 1e-6), gamma)
+    y_raw = y * (sigma / safe_gamma)
+    mu = jnp.mean(y_raw, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(y_raw - mu), axis=(0, 1, 2))
+    m = bn.momentum
+    bn.mean.value = jnp.where(frozen, bn.mean.value, m * bn.mean.value + (1 - m) * mu)
+    bn.var.value = jnp.where(frozen, bn.var.value, m * bn.var.value + (1 - m) * var)
+    y_batch = (y_raw - mu) * jax.lax.rsqrt(var + bn.epsilon) * gamma + bn.bias.value
+    return jnp.where(frozen, y + b_fold, y_batch)
+
+
+class QuantAdd(Layer):
+  kind = "add"
+
+  def __init__(self, name, lq: LayerQuant, opts: QuantOptions):
+    self.name = name
+    self.aq_a = _quantizer(name + "/a", "act", lq, opts, signed=True)
+    self.aq_b = _quantizer(name + "/b", "act", lq, opts, signed=True)
+
+  def __call__(self, a, b, train: bool = False):
+    return self.aq_a(a, train) + self.aq_b(b, train)
+
+
+class QuantLayers:
+  """Factory of quantized layers; `table` maps each dense/conv/add layer path to its `LayerQuant`
+  (from `mpq.quant.rules.resolve`). Pooling layers stay float (see the module docstring)."""
+
+  def __init__(self, table: dict[str, LayerQuant], opts: QuantOptions = QuantOptions()):
+    self.table, self.opts = table, opts
+
+  def _lq(self, name):
+    if name not in self.table:
+      raise KeyError(f"layer {name!r} has no resolved quantization settings")
+    return self.table[name]
+
+  def dense(self, name, in_features, out_features, *, signed_input=True, rngs):
+    return QuantDense(name, in_features, out_features, self._lq(name), self.opts,
+                      signed_input=signed_input, rngs=rngs)
+
+  def conv_bn(self, name, in_features, out_features, kernel, stride=1, groups=1, *,
+              signed_input=True, rngs):
+    return QuantConvBN(name, in_features, out_features, kernel, stride, groups, self._lq(name),
+                       self.opts, signed_input=signed_input, rngs=rngs)
+
+  def add(self, name):
+    return QuantAdd(name, self._lq(name), self.opts)
+
+  def avg_pool(self, name):
+    return float_layers.GlobalAvgPool(name)
+
+  def max_pool(self, name, window=2):
+    return float_layers.MaxPool(name, window)

@@ -1,0 +1,74 @@
+"""Building a quantized model from a config: rules resolved once against the float model's layers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from flax import nnx
+
+from mpq import models
+from mpq.quant.layers import LayerQuant, QuantLayers, QuantOptions
+from mpq.quant.quantizer import Quantizer
+from mpq.quant.rules import resolve
+
+
+def options(qc, bypass: bool = False) -> QuantOptions:
+  return QuantOptions(bn_freeze_step=int(qc.bn_freeze_step), ema_decay=float(qc.ema_decay),
+                      noise_lambda0=float(qc.noise_lambda0), noise_tau=float(qc.noise_tau),
+                      bypass=bypass)
+
+
+def resolve_table(config, num_classes: int, image_shape) -> dict[str, LayerQuant]:
+  """The per-layer settings of `config.quant` for `config.model`."""
+  float_model = models.build(config.model, num_classes, image_shape, seed=config.seed,
+                             **config.model_kwargs.to_dict())
+  kinds = {p: layer.kind for p, layer in models.layer_table(float_model).items()}
+  qc = config.quant
+  return resolve(kinds, list(qc.rules), {"w_bits": qc.w_bits, "a_bits": qc.a_bits,
+                                         "estimator": qc.estimator})
+
+
+def build(config, num_classes: int, image_shape, bypass: bool = False):
+  """(quantized model, resolved table). `bypass=True` builds every quantizer as identity."""
+  table = resolve_table(config, num_classes, image_shape)
+  model = models.build(config.model, num_classes, image_shape, seed=config.seed,
+                       layers=QuantLayers(table, options(config.quant, bypass)),
+                       **config.model_kwargs.to_dict())
+  return model, table
+
+
+def current_bits(model: nnx.Module) -> dict[str, dict[str, float]]:
+  """`{layer: {"w_bits": b, "a_bits": b}}` read from the model's quantizers (dbits: continuous)."""
+  out: dict[str, dict[str, float]] = {}
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, Quantizer) and module.estimator != "none":
+      layer = "/".join(str(k) for k in path[:-1])
+      key = "w_bits" if module.role == "weight" else "a_bits"
+      out.setdefault(layer, {})[key] = float(jax.device_get(module.bits.value))
+  return out
+
+
+def bits_table(model: nnx.Module, table: dict[str, LayerQuant], image_shape) -> dict[str, dict]:
+  """`{layer: {"w_bits", "a_bits", "estimator", "params", "macs"}}` (bits as currently held)."""
+  costs = models.layer_costs(model, image_shape)
+  bits = current_bits(model)
+  out = {}
+  for path, lq in table.items():
+    b = bits.get(path, {})
+    out[path] = {"w_bits": _num(b.get("w_bits", lq.w_bits)), "a_bits": _num(b.get("a_bits", lq.a_bits)),
+                 "estimator": lq.estimator, "params": costs.get(path, {}).get("params", 0),
+                 "macs": costs.get(path, {}).get("macs", 0)}
+  return out
+
+
+def _num(b: float):
+  return int(b) if float(b).is_integer() else round(float(b), 4)
+
+
+def write_bits(path: str, bits: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(bits, f, indent=2)
+  os.replace(tmp, path)

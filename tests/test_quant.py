@@ -1,0 +1,220 @@
+"""Quantizer functions and estimators against NumPy references and closed-form gradients."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpq.quant import core, estimators as est
+from mpq.quant.quantizer import Quantizer
+
+RNG = np.random.RandomState(0)
+
+
+def np_range(bits, signed, narrow=False):
+  if signed:
+    qmax = 2 ** (bits - 1) - 1
+    return (-qmax if narrow else -qmax - 1), qmax
+  return 0, 2 ** bits - 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("signed,narrow", [(True, False), (True, True), (False, False)])
+def test_qrange_and_quantize_match_numpy(bits, signed, narrow):
+  lo, hi = np_range(bits, signed, narrow)
+  qmin, qmax = core.qrange(jnp.asarray(bits), signed, narrow)
+  assert (float(qmin), float(qmax)) == (lo, hi)
+  x = RNG.randn(1000).astype(np.float32) * 3
+  scale, zp = 0.05, (0 if signed else 7)
+  q = core.quantize(x, scale, zp, bits, signed, narrow)
+  ref = np.clip(np.round(x / np.float32(scale)) + zp, lo, hi).astype(np.int32)
+  np.testing.assert_array_equal(np.asarray(q), ref)
+  np.testing.assert_allclose(core.dequantize(q, scale, zp), (ref - zp) * np.float32(scale), rtol=1e-6)
+  np.testing.assert_allclose(core.fake_quant(x, scale, zp, bits, signed, narrow),
+                             (ref - zp) * np.float32(scale), rtol=1e-6)
+
+
+def test_per_channel_quantize_any_axis():
+  x = RNG.randn(3, 5, 4).astype(np.float32)
+  for axis in range(3):
+    n = x.shape[axis]
+    s = (np.arange(n, dtype=np.float32) + 1) * 0.1
+    shaped = s.reshape(core.channel_shape(3, axis, n))
+    q = core.quantize(x, shaped, 0, 4, True)
+    ref = np.clip(np.round(x / shaped), -8, 7)
+    np.testing.assert_array_equal(np.asarray(q), ref)
+
+
+def test_affine_params_make_zero_exact():
+  scale, zp = core.affine_params(jnp.asarray(-0.37), jnp.asarray(2.11), 8)
+  assert float(zp) == round(float(zp)) and 0 <= float(zp) <= 255
+  assert float(core.fake_quant(jnp.zeros(()), scale, zp, 8, False)) == 0.0
+  # a range not containing 0 is widened to contain it
+  scale, zp = core.affine_params(jnp.asarray(0.5), jnp.asarray(2.0), 8)
+  assert float(zp) == 0 and float(scale) == pytest.approx(2.0 / 255)
+
+
+def test_pow2_scale():
+  np.testing.assert_array_equal(core.pow2_scale(jnp.asarray([0.3, 0.25, 1.0, 3.0])),
+                                [0.5, 0.25, 1.0, 4.0])
+
+
+def _weighted_grads(f, *args, argnums):
+  w = jnp.asarray(RNG.randn(*np.shape(args[0])).astype(np.float32))
+  return w, jax.grad(lambda *a: jnp.sum(w * f(*a)), argnums=argnums)(*args)
+
+
+def test_ste_fake_quant_gradient_is_clipped_identity():
+  x = jnp.asarray(np.linspace(-3, 3, 101, dtype=np.float32))
+  scale, zp = 0.1, 3.0
+  w, (dx,) = _weighted_grads(lambda x: core.fake_quant(x, scale, zp, 4, False), x, argnums=(0,))
+  v = np.asarray(x) / scale + zp
+  np.testing.assert_allclose(dx, np.where((v >= 0) & (v <= 15), w, 0.0))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsq_gradients_closed_form(signed, per_channel):
+  bits = 3
+  n, p = np_range(bits, signed)
+  x = RNG.randn(6, 4).astype(np.float32) * (1.0 if signed else 0.7)
+  x = x if signed else np.abs(x)
+  s = (np.asarray([0.1, 0.2, 0.15, 0.3], np.float32).reshape(1, 4) if per_channel
+       else np.float32(0.2))
+  w, (dx, ds) = _weighted_grads(lambda x, s: est.lsq(x, s, jnp.float32(n), jnp.float32(p)),
+                                jnp.asarray(x), jnp.asarray(s), argnums=(0, 1))
+  v = x / s
+  inside = (v >= n) & (v <= p)
+  np.testing.assert_allclose(dx, np.where(inside, w, 0))
+  ds_elem = np.where(v < n, n, np.where(v > p, p, np.round(v) - v))
+  ref = (w * ds_elem).sum(axis=0, keepdims=True) if per_channel else (w * ds_elem).sum()
+  np.testing.assert_allclose(ds, ref, rtol=1e-5, atol=1e-6)
+  y = est.lsq(jnp.asarray(x), jnp.asarray(s), jnp.float32(n), jnp.float32(p))
+  np.testing.assert_allclose(y, np.round(np.clip(v, n, p)) * s, rtol=1e-6)
+
+
+def test_lsq_gradient_scale():
+  s = jnp.float32(0.2)
+  g = est.lsq_grad_scale(100, 7.0)
+  assert float(g) == pytest.approx(1 / math.sqrt(700))
+  x = jnp.asarray(RNG.randn(50).astype(np.float32))
+  f = lambda s: jnp.sum(est.lsq(x, s, -8.0, 7.0))
+  fs = lambda s: jnp.sum(est.lsq(x, est.scale_grad(s, g), -8.0, 7.0))
+  assert float(fs(s)) == float(f(s))
+  assert float(jax.grad(fs)(s)) == pytest.approx(float(g) * float(jax.grad(f)(s)), rel=1e-5)
+
+
+def test_lsq_plus_offset_gradient():
+  x = jnp.asarray(np.linspace(-2, 3, 64, dtype=np.float32))
+  s, beta = jnp.float32(0.25), jnp.float32(0.4)
+  w, (dx, dbeta) = _weighted_grads(lambda x, b: est.lsq_plus(x, s, b, -4.0, 3.0), x, beta,
+                                   argnums=(0, 1))
+  v = (np.asarray(x) - 0.4) / 0.25
+  inside = (v >= -4) & (v <= 3)
+  np.testing.assert_allclose(dx, np.where(inside, w, 0))
+  np.testing.assert_allclose(dbeta, np.sum(np.where(inside, 0, w)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_tqt_forward_and_gradients(signed):
+  bits = 4
+  n, p = np_range(bits, signed)
+  x = RNG.randn(200).astype(np.float32) * 1.5
+  x = x if signed else np.abs(x)
+  log2_t = np.float32(0.3)  # threshold 2^ceil(0.3) = 2
+  s = 2.0 / (2 ** (bits - 1) if signed else 2 ** bits)
+  assert float(est.tqt_scale(log2_t, bits, signed)) == s
+  w, (dx, dl) = _weighted_grads(lambda x, l: est.tqt(x, l, bits, signed), jnp.asarray(x),
+                                jnp.asarray(log2_t), argnums=(0, 1))
+  v = x / s
+  np.testing.assert_allclose(est.tqt(x, log2_t, bits, signed), np.clip(np.round(v), n, p) * s,
+                             rtol=1e-6)
+  inside = (v >= n) & (v <= p)
+  np.testing.assert_allclose(dx, np.where(inside, w, 0))
+  ref = np.sum(w * s * math.log(2) * np.where(v < n, n, np.where(v > p, p, np.round(v) - v)))
+  np.testing.assert_allclose(dl, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_noise_is_exact_at_zero_and_bounded_by_error():
+  x = jnp.asarray(RNG.randn(500).astype(np.float32))
+  q = est.lsq(x, jnp.float32(0.3), -4.0, 3.0)
+  key = jax.random.key(1)
+  np.testing.assert_array_equal(est.noisy(q, x, 0.0, key), q)
+  y = est.noisy(q, x, 0.5, key)
+  bound = 0.5 * np.abs(np.asarray(q) - np.asarray(x)) + 1e-7
+  assert np.all(np.abs(np.asarray(y) - np.asarray(q)) <= bound)
+  assert np.any(np.asarray(y) != np.asarray(q))
+  # the noise carries no gradient: d/dx equals LSQ's
+  gx = jax.grad(lambda x: jnp.sum(est.noisy(est.lsq(x, 0.3, -4.0, 3.0), x, 0.5, key)))(x)
+  gq = jax.grad(lambda x: jnp.sum(est.lsq(x, 0.3, -4.0, 3.0)))(x)
+  np.testing.assert_array_equal(gx, gq)
+  assert float(est.noise_amplitude(1000, 0.5, 1000.0)) == pytest.approx(0.5 / math.e)
+
+
+def test_noise_quantizer_learns_its_gradient_scale():
+  """d loss / d rho = (d loss / d s') * g * exp(rho) * s, the learnable gradient scale of noise."""
+  q = Quantizer("l", "act", "noise", 4, signed=True, noise_lambda0=0.0)
+  q.step_size.value = jnp.float32(0.2)
+  x = jnp.asarray(RNG.randn(8, 16).astype(np.float32))
+  from flax import nnx
+  graphdef, params, rest = nnx.split(q, nnx.Param, ...)
+
+  def loss(params):
+    return jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x, train=False) ** 2)
+
+  grads = jax.grad(loss)(params)
+  g = 1 / math.sqrt(16 * 7)
+  y = est.lsq(x, jnp.float32(0.2), -8.0, 7.0)
+  _, ds = jax.vjp(lambda s: est.lsq(x, s, -8.0, 7.0), jnp.float32(0.2))
+  ds = ds(2 * y)[0]
+  assert float(grads["step_size"].value) == pytest.approx(g * float(ds), rel=1e-5)
+  assert float(grads["grad_log_scale"].value) == pytest.approx(float(ds) * g * 0.2, rel=1e-5)
+
+
+@pytest.mark.parametrize("b", [2.0, 3.3, 4.75, 7.5, 16.0])
+def test_dbits_interpolation_and_gradients(b):
+  x = jnp.asarray(RNG.randn(300).astype(np.float32))
+  amax = jnp.float32(2.0)
+  lo = min(math.floor(b), 15)
+  f = b - lo
+
+  def q_np(k):
+    pk = 2 ** (k - 1) - 1
+    s = 2.0 / pk
+    return np.round(np.clip(np.asarray(x) / s, -pk, pk)) * s, s, pk
+
+  (q_lo, s_lo, p_lo), (q_hi, s_hi, p_hi) = q_np(lo), q_np(lo + 1)
+  y = est.dbits(x, amax, jnp.float32(b), True)
+  np.testing.assert_allclose(y, (1 - f) * q_lo + f * q_hi, rtol=1e-5, atol=1e-6)
+  db = jax.grad(lambda bb: jnp.sum(est.dbits(x, amax, bb, True)))(jnp.float32(b))
+  np.testing.assert_allclose(db, np.sum(q_hi - q_lo), rtol=1e-4, atol=1e-4)
+
+  def ds(s, pk):  # LSQ step gradient summed
+    v = np.asarray(x) / s
+    return np.sum(np.where(v < -pk, -pk, np.where(v > pk, pk, np.round(v) - v)))
+
+  damax_ref = (1 - f) * ds(s_lo, p_lo) / p_lo + f * ds(s_hi, p_hi) / p_hi
+  da = jax.grad(lambda a: jnp.sum(est.dbits(x, a, jnp.float32(b), True)))(amax)
+  np.testing.assert_allclose(da, damax_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dbits_quantizer_evaluates_at_rounded_bits():
+  q = Quantizer("l", "weight", "dbits", 3.6, channels=4, ndim=2)
+  q.amax.value = jnp.full((1, 4), 1.5)
+  w = jnp.asarray(RNG.randn(10, 4).astype(np.float32))
+  assert float(q.int_bits()) == 4
+  np.testing.assert_allclose(q(w, train=False), est.dbits(w, q.amax.value, 4.0, True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["ste", "lsq", "tqt", "noise", "dbits"])
+def test_quantizer_output_lies_on_its_exported_grid(estimator):
+  """Eval output == dequantize(quantize(x)) with the (scale, zero_point, bits) `params()` reports."""
+  q = Quantizer("l", "act", estimator, 4, signed=False)
+  q.set_range(2.5, lo=0.0)
+  x = jnp.asarray(np.abs(RNG.randn(64, 8)).astype(np.float32) * 1.5)
+  scale, zp, bits, signed = q.params()
+  ref = core.dequantize(core.quantize(x, scale, zp, bits, signed, narrow=estimator == "dbits"),
+                        scale, zp)
+  np.testing.assert_allclose(q(x, train=False), ref, rtol=1e-6, atol=1e-7)
