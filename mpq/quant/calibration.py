@@ -9,7 +9,7 @@ Following Wu et al. 2020 (arXiv 2004.09602, NVIDIA's toolkit):
       entropy     amax minimising KL(reference || quantized) over cuts i >= 128 bins (TensorRT):
                   reference = bins[:i] with the tail mass added to bin i-1; quantized = bins[:i]
                   merged into 2^(b-1) (signed) or 2^b (unsigned) levels, spread back over the
-                  non-empty bins
+                  non-empty bins, empty bins smoothed to 1e-4 (as MXNet/TensorRT do)
   weights (per output channel)
       max         amax = max |w| per channel
       mse         amax = r * max |w|, r in [0.2, 1] (81 steps), minimising the per-channel squared error
@@ -86,6 +86,17 @@ def amax_mse(h: Histogram, bits: int, signed: bool, start: int = 128) -> float:
   return float(cands[int(np.argmin(err))])
 
 
+def _smooth(q: np.ndarray, eps: float = 1e-4):
+  """Gives empty bins mass `eps`, taken proportionally from the others (as MXNet/TensorRT smooth,
+  but proportional so no bin goes negative), so that a tail mass the candidate cannot represent
+  costs a finite KL; None if `q` is all zero."""
+  zero = q == 0
+  if zero.all():
+    return None
+  eps = min(eps, 0.5 / max(int(zero.sum()), 1))
+  return np.where(zero, eps, q * (1.0 - eps * zero.sum()))
+
+
 def amax_entropy(h: Histogram, bits: int, signed: bool, start: int = 128) -> float:
   """TensorRT's KL-divergence calibration on the |x| histogram (see the module docstring)."""
   bins = h.counts
@@ -106,12 +117,9 @@ def amax_entropy(h: Histogram, bits: int, signed: bool, start: int = 128) -> flo
       if nz.any():
         cand[c[nz]] = bins[c].sum() / nz.sum()
     p = ref / ref.sum()
-    q = cand / max(cand.sum(), 1e-300)
+    q = _smooth(cand / max(cand.sum(), 1e-300))
     mask = p > 0
-    if np.any(q[mask] == 0):
-      kl = np.inf
-    else:
-      kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+    kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask]))) if q is not None else np.inf
     if kl < best:
       best, best_i = kl, i
   return float(h.edges[best_i])
