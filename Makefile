@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mpq-installed
 DEMO_DIR ?= workdirs/demo_cnn
 DEMO_EPOCHS ?= 5
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test bench clean
 
 setup: $(STAMP) data
 
@@ -26,6 +26,12 @@ demo: setup
 
 test: setup
 	@$(PY) -m pytest -x tests
+
+# All benchmarks (about 45 minutes on 2 CPU cores), then the README tables from their JSON.
+bench: setup
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf workdirs .pytest_cache

@@ -36,6 +36,11 @@ Fields (override any on the command line as `--config.FIELD=VALUE`):
     bn_freeze_step      training steps after which folded BatchNorm uses its EMA statistics (-1: never)
     ema_decay           EMA decay of the activation ranges of the `ste` estimator
     noise_lambda0, noise_tau   `noise` estimator: amplitude lambda0 * exp(-step / tau)
+    osc_dampen          oscillation dampening (Nagel et al. 2022): final loss weight (0: off), annealed
+                        from 0 with a half cosine
+    osc_freeze          iterative weight freezing: oscillation-frequency threshold (0: off)
+    osc_track           log per-layer oscillation frequencies (`osc/...`) without freezing
+    osc_momentum        EMA momentum of the oscillation frequency
 """
 
 from __future__ import annotations
@@ -93,7 +98,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.ema_decay = 0.99
   c.quant.noise_lambda0 = 0.5
   c.quant.noise_tau = 1000.0
+  c.quant.osc_dampen = 0.0
+  c.quant.osc_freeze = 0.0
+  c.quant.osc_track = False
+  c.quant.osc_momentum = 0.01
   return c
+
+
+def from_dict(stored: dict) -> ml_collections.ConfigDict:
+  """A config saved by an earlier run (checkpoint metadata) over today's defaults, so that fields
+  added since then take their default values."""
+  config = base_config()
+
+  def merge(dst, src):
+    for k, v in src.items():
+      if isinstance(v, dict) and k in dst and isinstance(dst[k], ml_collections.ConfigDict):
+        merge(dst[k], v)
+      else:
+        with dst.ignore_type():
+          dst[k] = v
+
+  merge(config, stored)
+  return config
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -136,3 +162,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.quant.calib_percentile={qc.calib_percentile} must be in (0, 100]")
   check(qc.calib_batches >= 1, f"config.quant.calib_batches={qc.calib_batches} must be >= 1")
   check(qc.noise_tau > 0, f"config.quant.noise_tau={qc.noise_tau} must be positive")
+  check(qc.osc_dampen >= 0, f"config.quant.osc_dampen={qc.osc_dampen} must be >= 0")
+  check(0 <= qc.osc_freeze < 1, f"config.quant.osc_freeze={qc.osc_freeze} must be in [0, 1)")
+  check(0 < qc.osc_momentum <= 1, f"config.quant.osc_momentum={qc.osc_momentum} must be in (0, 1]")

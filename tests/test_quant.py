@@ -218,3 +218,47 @@ def test_quantizer_output_lies_on_its_exported_grid(estimator):
   ref = core.dequantize(core.quantize(x, scale, zp, bits, signed, narrow=estimator == "dbits"),
                         scale, zp)
   np.testing.assert_allclose(q(x, train=False), ref, rtol=1e-6, atol=1e-7)
+
+
+def _osc_quantizer(freeze=0.0, dampen=False, m=0.25):
+  q = Quantizer("l", "weight", "lsq", 4, channels=2, ndim=2, track_shape=(1, 2), osc_momentum=m,
+                osc_freeze=freeze, osc_dampen=dampen)
+  q.step_size.value = jnp.full((1, 2), 0.1)
+  return q
+
+
+def test_oscillation_frequency_matches_closed_form():
+  """Weight 0 flips between integers 0 and 1 every step, weight 1 moves monotonically: after call
+  k >= 2 the first has f = 1 - (1 - m)^(k - 2), the second f = 0."""
+  m = 0.25
+  q = _osc_quantizer(m=m)
+  for k in range(1, 9):
+    w = jnp.asarray([[0.04 if k % 2 else 0.06, 0.1 * k]], jnp.float32)
+    q(w, train=True)
+    f = np.asarray(q.osc_freq.value)[0]
+    assert f[0] == pytest.approx(1 - (1 - m) ** (k - 2) if k >= 2 else 0.0, abs=1e-6)
+    assert f[1] == 0.0
+
+
+def test_freezing_fixes_oscillating_weights_at_their_average_integer():
+  q = _osc_quantizer(freeze=0.5, m=0.25)
+  for k in range(1, 12):
+    w = jnp.asarray([[0.04 if k % 2 else 0.06, 0.1 * k]], jnp.float32)
+    y = q(w, train=True)
+  frozen = np.asarray(q.frozen.value)[0]
+  assert frozen[0] == 1 and frozen[1] == 0
+  assert float(q.frozen_int.value[0, 0]) in (0.0, 1.0)
+  # frozen: the output no longer follows the weight, and the weight gets no gradient
+  w = jnp.asarray([[0.9, 0.3]], jnp.float32)
+  np.testing.assert_allclose(q(w, train=False)[0, 0], float(q.frozen_int.value[0, 0]) * 0.1)
+  g = jax.grad(lambda w: jnp.sum(q(w, train=False)))(w)
+  assert float(g[0, 0]) == 0.0 and float(g[0, 1]) == 1.0
+
+
+def test_dampening_term_closed_form():
+  q = _osc_quantizer(dampen=True)
+  w = jnp.asarray([[0.33, 2.0]], jnp.float32)  # the second weight is clipped at 0.7
+  q(w, train=True)
+  expected = (0.3 - 0.33) ** 2 + (0.7 - 0.7) ** 2
+  assert float(q.damp.value) == pytest.approx(expected, rel=1e-4)
+  assert float(q.clip_frac.value) == 0.5

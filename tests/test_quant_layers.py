@@ -224,3 +224,17 @@ def test_tiny_qat_run_from_float_checkpoint(tiny_config, tmp_path):
   assert p["mode"] == "fake_quant" and abs(p["accuracy"] - rf["accuracy"]) < 0.03  # 8-bit PTQ
   out = run_cli("eval.py", f"--workdir={fdir}", "--mode=fake_quant")
   assert out.returncode != 0 and "holds a float model" in out.stderr
+
+
+def test_weight_decay_skips_quantizer_parameters():
+  config, (model, _) = _quant_cnn("lsq")
+  config.weight_decay, config.learning_rate = 0.5, 1e-9
+  tx = optim.build(config, 10)
+  _, state = st.init_state(model, tx)
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  updates, _ = tx.update(zeros, state.opt_state, state.params)
+  flat = {jax.tree_util.keystr(k): float(jnp.abs(v).max())
+          for k, v in jax.tree_util.tree_flatten_with_path(updates)[0]}
+  assert flat["['conv2']['conv']['kernel'].value"] > 0  # decayed
+  assert flat["['conv2']['wq']['step_size'].value"] == 0  # per-channel step sizes are not
+  assert flat["['conv2']['aq']['step_size'].value"] == 0

@@ -51,13 +51,20 @@ class QuantOptions:
   noise_lambda0: float = 0.5
   noise_tau: float = 1000.0
   bypass: bool = False  # build every quantizer as identity (evaluate a QAT checkpoint in float)
+  osc_track: bool = False  # track integer-weight oscillations (Nagel et al. 2022)
+  osc_freeze: float = 0.0  # freeze weights whose oscillation frequency exceeds this (0: off)
+  osc_momentum: float = 0.01
+  osc_dampen: bool = False  # record the dampening term (its loss weight is the train step's)
 
 
 def _quantizer(name, role, lq: LayerQuant, opts: QuantOptions, **kw):
   bits = lq.w_bits if role == "weight" else lq.a_bits
+  track = kw.pop("kernel_shape", None) if (opts.osc_track or opts.osc_freeze > 0) else None
+  kw.pop("kernel_shape", None)
   return Quantizer(name, role, lq.estimator, bits, ema_decay=opts.ema_decay,
                    noise_lambda0=opts.noise_lambda0, noise_tau=opts.noise_tau, bypass=opts.bypass,
-                   **kw)
+                   track_shape=track, osc_momentum=opts.osc_momentum, osc_freeze=opts.osc_freeze,
+                   osc_dampen=opts.osc_dampen, **kw)
 
 
 class QuantDense(Layer):
@@ -67,7 +74,8 @@ class QuantDense(Layer):
                signed_input=True, rngs):
     self.name = name
     self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
-    self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=2)
+    self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=2,
+                         kernel_shape=(in_features, out_features))
     self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
 
   def __call__(self, x, train: bool = False):
@@ -87,7 +95,8 @@ class QuantConvBN(Layer):
     self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding="SAME",
                          feature_group_count=groups, use_bias=False, kernel_init=_he, rngs=rngs)
     self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
-    self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=4)
+    self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=4,
+                         kernel_shape=(kernel, kernel, in_features // groups, out_features))
     self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
     self.bn_freeze_step = opts.bn_freeze_step
     self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))

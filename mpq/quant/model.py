@@ -17,7 +17,8 @@ from mpq.quant.rules import resolve
 def options(qc, bypass: bool = False) -> QuantOptions:
   return QuantOptions(bn_freeze_step=int(qc.bn_freeze_step), ema_decay=float(qc.ema_decay),
                       noise_lambda0=float(qc.noise_lambda0), noise_tau=float(qc.noise_tau),
-                      bypass=bypass)
+                      bypass=bypass, osc_track=bool(qc.osc_track), osc_freeze=float(qc.osc_freeze),
+                      osc_momentum=float(qc.osc_momentum), osc_dampen=qc.osc_dampen > 0)
 
 
 def resolve_table(config, num_classes: int, image_shape) -> dict[str, LayerQuant]:

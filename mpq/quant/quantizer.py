@@ -53,7 +53,8 @@ class Quantizer(nnx.Module):
 
   def __init__(self, name: str, role: str, estimator: str, bits: float, *, signed: bool = True,
                channels: int = 1, ndim: int = 4, ema_decay: float = 0.99, noise_lambda0: float = 0.0,
-               noise_tau: float = 1000.0, bypass: bool = False):
+               noise_tau: float = 1000.0, bypass: bool = False, track_shape=None,
+               osc_momentum: float = 0.01, osc_freeze: float = 0.0, osc_dampen: bool = False):
     if estimator not in ESTIMATORS:
       raise ValueError(f"unknown estimator {estimator!r}; use one of {ESTIMATORS}")
     self.name, self.role, self.estimator = name, role, estimator
@@ -79,6 +80,19 @@ class Quantizer(nnx.Module):
       self.log2_t = QParam(jnp.zeros(shape, jnp.float32))
     if estimator == "dbits":
       self.amax = QParam(jnp.ones(shape, jnp.float32))
+    # Oscillations (Nagel et al. 2022), weights only: `track_shape` (the kernel's shape) turns on
+    # tracking of integer-weight oscillations; `osc_freeze > 0` freezes weights whose oscillation
+    # frequency exceeds it; `osc_dampen` records the dampening term for the loss.
+    self.osc_momentum, self.osc_freeze, self.osc_dampen = osc_momentum, osc_freeze, osc_dampen
+    self.tracking = (role == "weight" and track_shape is not None
+                     and estimator in ("ste", "lsq", "lsq+", "noise", "tqt"))
+    if role == "weight" and estimator != "none":
+      self.clip_frac = QState(jnp.zeros((), jnp.float32))
+      self.damp = QState(jnp.zeros((), jnp.float32))
+    if self.tracking:
+      z = lambda: QState(jnp.zeros(track_shape, jnp.float32))  # distinct buffers (donation)
+      self.prev_int, self.last_dir, self.osc_freq, self.int_ema = z(), z(), z(), z()
+      self.frozen, self.frozen_int = z(), z()
 
   # ------------------------------------------------------------------------------------ forward
   def int_bits(self) -> jax.Array:
@@ -92,6 +106,72 @@ class Quantizer(nnx.Module):
     return x.size / x.shape[0]
 
   def __call__(self, x, train: bool = False):
+    y = self._forward(x, train)
+    if self.role != "weight" or self.estimator == "none" or self.bypass or OBSERVERS:
+      return y
+    if train:
+      y = self._weight_bookkeeping(x, y)
+    if self.tracking and self.osc_freeze > 0:  # frozen weights, in training and evaluation
+      s = self._grid(x)[0]
+      y = jnp.where(self.frozen.value > 0, jax.lax.stop_gradient(self.frozen_int.value * s), y)
+    return y
+
+  def _grid(self, w):
+    """(scale, n, p) of the weight grid at the current bits, without gradients (None for dbits)."""
+    w = jax.lax.stop_gradient(w)
+    e, bits = self.estimator, self.bits.value
+    if e == "ste":
+      amax = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True).reshape(self.shape)
+      n, p = core.qrange(bits, True, narrow=True)
+      return core.symmetric_scale(amax, bits), n, p
+    if e == "tqt":
+      n, p = core.qrange(bits, True)
+      return est.tqt_scale(self.log2_t.value, bits, True), n, p
+    if e in ("lsq", "lsq+", "noise"):
+      n, p = core.qrange(bits, True)
+      return jax.lax.stop_gradient(self.step_size.value), n, p
+    return None
+
+  def _weight_bookkeeping(self, w, y):
+    """Clipping fraction, the dampening term, oscillation tracking and freezing (Nagel et al. 2022).
+
+    dampening     `sum (stop_grad(s * w_int) - clip(w, s n, s p))^2`, added to the loss by the train
+                  step with a weight annealed from 0 (`quant.osc_dampen`)
+    oscillation   `delta = w_int(t) - w_int(t-1)`; an oscillation is a non-zero change opposite to the
+                  previous non-zero change; `f = m * osc + (1 - m) * f` per weight (m = osc_momentum)
+    freezing      once `f > osc_freeze` a weight is fixed at round(EMA of its integer value) and
+                  gets no gradient (applied in `__call__`, in training and evaluation)
+    """
+    grid = self._grid(w)
+    if grid is None:
+      return y
+    s, n, p = grid
+    v = jax.lax.stop_gradient(w) / s
+    self.clip_frac.value = jnp.mean(((v < n) | (v > p)).astype(jnp.float32))
+    if self.osc_dampen:
+      self.damp.value = jnp.sum(jnp.square(jax.lax.stop_gradient(y) - jnp.clip(w, s * n, s * p)))
+    if not self.tracking:
+      return y
+    w_int = jnp.clip(jnp.round(v), n, p)
+    valid = self.count.value > 1
+    if self.osc_freeze > 0:
+      w_int = jnp.where(self.frozen.value > 0, self.frozen_int.value, w_int)
+    delta = w_int - self.prev_int.value
+    moved = delta != 0
+    direction = jnp.sign(delta)
+    osc = moved & (self.last_dir.value != 0) & (direction != self.last_dir.value)
+    m = self.osc_momentum
+    self.osc_freq.value = jnp.where(valid, m * osc + (1 - m) * self.osc_freq.value, 0.0)
+    self.last_dir.value = jnp.where(valid & moved, direction, self.last_dir.value)
+    self.int_ema.value = jnp.where(valid, m * w_int + (1 - m) * self.int_ema.value, w_int)
+    self.prev_int.value = w_int
+    if self.osc_freeze > 0:
+      newly = (self.frozen.value == 0) & (self.osc_freq.value > self.osc_freeze)
+      self.frozen_int.value = jnp.where(newly, jnp.round(self.int_ema.value), self.frozen_int.value)
+      self.frozen.value = jnp.where(newly, 1.0, self.frozen.value)
+    return y
+
+  def _forward(self, x, train: bool):
     e = self.estimator
     if e == "none" or self.bypass:
       return x
@@ -192,3 +272,27 @@ def set_bits(model: nnx.Module, bits: dict[str, dict[str, float]]) -> None:
       key = "w_bits" if module.role == "weight" else "a_bits"
       if layer in bits and key in bits[layer]:
         module.bits.value = jnp.asarray(bits[layer][key], jnp.float32)
+
+
+def quant_metrics(model: nnx.Module) -> dict[str, jax.Array]:
+  """Per weight quantizer: `clip/<layer>` (fraction of weights outside the grid) and, where tracked,
+  `osc/<layer>` (mean oscillation frequency) and `frozen/<layer>` (fraction frozen)."""
+  out = {}
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, Quantizer) and module.role == "weight" and hasattr(module, "clip_frac"):
+      layer = "/".join(str(k) for k in path[:-1])
+      out[f"clip/{layer}"] = module.clip_frac.value
+      if module.tracking:
+        out[f"osc/{layer}"] = jnp.mean(module.osc_freq.value)
+        if module.osc_freeze > 0:
+          out[f"frozen/{layer}"] = jnp.mean(module.frozen.value)
+  return out
+
+
+def dampening_loss(model: nnx.Module) -> jax.Array:
+  """Sum of the weight quantizers' dampening terms recorded by the last training forward."""
+  total = jnp.zeros((), jnp.float32)
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, Quantizer) and module.osc_dampen and hasattr(module, "damp"):
+      total = total + module.damp.value
+  return total

@@ -26,8 +26,8 @@ from mpq.errors import NonFiniteLossError, UserError
 from mpq.train import checkpoint as ckpt_lib
 from mpq.train import optim, parallel
 from mpq.train.metrics import MetricWriter
-from mpq.train.state import (TrainState, init_state, make_eval_step, make_train_step,
-                             split_model)
+from mpq.train.state import (TrainState, dampening_weight, init_state, make_eval_step,
+                             make_train_step, split_model)
 
 _compiles = [0]
 
@@ -138,7 +138,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
 
   rep = parallel.replicated(mesh)
   state = jax.device_put(state, rep)
-  train_step = jax.jit(make_train_step(graphdef, tx, config.label_smoothing),
+  damp = (dampening_weight(config.quant.osc_dampen, total)
+          if config.quant.enabled and config.quant.osc_dampen > 0 else None)
+  train_step = jax.jit(make_train_step(graphdef, tx, config.label_smoothing, damp),
                        donate_argnums=(0,), out_shardings=(rep, rep))
   eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
 
@@ -237,7 +239,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
     raise UserError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
   directory = os.path.join(workdir, ckpt_lib.LATEST if which == "latest" else ckpt_lib.BEST)
   _, meta = ckpt_lib.restore(directory, step, None)
-  config = ml_collections.ConfigDict(meta["config"])
+  config = config_lib.from_dict(meta["config"])
   for k, v in (overrides or {}).items():
     config[k] = v
   data = load_data(config)

@@ -44,7 +44,8 @@ class MetricWriter:
       self._tb.add_scalar(f"{split}/{k}", v, step)
     self._jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
     self._jsonl.flush()
-    text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    # per-layer metrics ("clip/conv1", ...) go to TensorBoard and metrics.jsonl, not the console
+    text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" not in k)
     if self._bar is not None:
       if split == "train":
         self._bar.set_postfix_str(text)

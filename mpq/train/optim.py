@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
 
 
 def schedule(config, num_steps: int) -> optax.Schedule:
@@ -20,8 +21,17 @@ def schedule(config, num_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay applies to kernels (arrays of rank >= 2), not to biases or BatchNorm scales."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay applies to kernels (arrays of rank >= 2), not to biases, BatchNorm scales or
+  quantizer parameters (`QParam`: step sizes, thresholds, bits). The mask is a prefix tree with
+  one bool per variable."""
+  from mpq.quant.quantizer import QParam  # pylint: disable=g-import-not-at-top
+
+  def decays(v):
+    if isinstance(v, nnx.Variable):
+      return not isinstance(v, QParam) and v.value.ndim >= 2
+    return v.ndim >= 2
+
+  return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def build(config, num_steps: int) -> optax.GradientTransformation:

@@ -42,25 +42,47 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, onehot)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, label_smoothing: float = 0.0):
-  """`train_step(state, batch) -> (state, metrics)`; jit it (the loop does)."""
+def dampening_weight(lambda_max: float, total_steps: int):
+  """`lambda(t) = lambda_max * (1 - cos(pi * t / T)) / 2`: the oscillation-dampening weight annealed
+  from 0 to `lambda_max` over training (Nagel et al. 2022)."""
+  def weight(step):
+    t = jnp.minimum(step.astype(jnp.float32) / max(total_steps, 1), 1.0)
+    return lambda_max * 0.5 * (1.0 - jnp.cos(jnp.pi * t))
+  return weight
 
-  def loss_fn(params, rest, batch):
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, label_smoothing: float = 0.0,
+                    damp_weight=None):
+  """`train_step(state, batch) -> (state, metrics)`; jit it (the loop does).
+
+  `damp_weight(step)`, when given, weighs the quantizers' oscillation-dampening term in the loss.
+  Metrics: `loss` (the cross-entropy), `accuracy`, `grad_norm` and, for quantized models, per layer
+  `clip/...` (and `osc/...`, `frozen/...`, `damp` where enabled).
+  """
+  from mpq.quant.quantizer import dampening_loss, quant_metrics  # pylint: disable=g-import-not-at-top
+
+  def loss_fn(params, rest, batch, step):
     model = nnx.merge(graphdef, params, rest, copy=True)
     logits = model(batch["image"], train=True)
     loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+    extra = quant_metrics(model)
+    total = loss
+    if damp_weight is not None:
+      extra["damp"] = dampening_loss(model)
+      total = loss + damp_weight(step) * extra["damp"]
     _, _, new_rest = split_model(model)
-    return loss, (logits, new_rest)
+    return total, (loss, logits, new_rest, extra)
 
   def train_step(state: TrainState, batch):
-    (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.rest, batch)
+    (_, (loss, logits, rest, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.rest, batch, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "grad_norm": optax.global_norm(grads),
+        **extra,
     }
     return TrainState(state.step + 1, params, rest, opt_state), metrics
 

@@ -1,0 +1,56 @@
+"""Regenerates the README's benchmark tables from `benchmarks/results/*.json`.
+
+Command:  python benchmarks/report.py     (run by `make bench` after the benchmarks)
+
+Each table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in README.md, so the README
+never states a figure that no benchmark command produced. Missing result files leave their section
+saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def accuracy_table(r: dict) -> str:
+  lines = [f"Model `{r['model']}` on {r['dataset']}; command: `{r['command']}` "
+           f"({r['seconds'] / 60:.0f} min for the rows of that run).", "",
+           "| row | test accuracy (%) | delta to fp32 | target | meets |", "|---|---|---|---|---|"]
+  for row in r["rows"]:
+    target = f"within {row['target']}" if "target" in row else ""
+    meets = "" if "meets" not in row else ("yes" if row["meets"] else "**no**")
+    delta = f"{row['delta']:+.2f}" if "delta" in row else ""
+    lines.append(f"| {row['name']} | {row['accuracy']:.2f} | {delta} | {target} | {meets} |")
+  return "\n".join(lines)
+
+
+TABLES = {"accuracy": accuracy_table}
+
+
+def main():
+  path = os.path.join(ROOT, "README.md")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  for name, fn in TABLES.items():
+    res = os.path.join(RESULTS, f"{name}.json")
+    if os.path.exists(res):
+      with open(res, encoding="utf-8") as f:
+        body = fn(json.load(f))
+    else:
+      body = f"(no results yet: run `make bench` to produce benchmarks/results/{name}.json)"
+    pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+    if not pattern.search(text):
+      raise SystemExit(f"error: README.md lacks the <!-- bench:{name} --> ... markers")
+    text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+  print(f"updated {path}")
+
+
+if __name__ == "__main__":
+  main()
