@@ -7,7 +7,8 @@ Runtime:  about 40 minutes on 2 CPU cores with the defaults (each row's workdir 
           re-run resumes or reuses finished rows; delete the workdir for a clean run).
 
 Recipe (the same for every QAT row; see the README for what matters):
-  fp32       configs/fmnist_cnn.py for --float_epochs epochs
+  fp32       configs/fmnist_cnn.py for --float_epochs epochs (50 warm-up steps, no augmentation,
+             weight decay 5e-4)
   ptq_w8a8   the fp32 checkpoint calibrated on 4 training batches (activations: 99.99th percentile,
              weights: per-channel MSE) and evaluated fake-quantized, no training
   qat_*      from the fp32 checkpoint (`init_from`), calibrated as for PTQ, then --qat_epochs of
@@ -34,11 +35,23 @@ TARGETS = {"ptq_w8a8": 0.5, "qat_w8a8": 0.5, "qat_w4a4": 0.5, "qat_w3a3": 1.0, "
 ROWS = (["fp32", "ptq_w8a8", "qat_w8a8", "qat_w4a4", "qat_w3a3", "qat_w2a2"]
         + [f"qat_w{b}a{b}_{e}" for e in ("ste", "tqt", "noise") for b in (4, 2)]
         + ["peer_qwix_w8a8"])
+# Ablations of the W2A2 recipe (not run by default; `--rows=ablate_w2a2_osc,...`):
+#   osc      + oscillation dampening (0.1) and iterative freezing (threshold 0.02)
+#   scratch  no float initialisation: QAT from random weights for --qat_epochs
+#   1ep      half the fine-tuning (1 epoch)
+#   maxcal   activation ranges from the plain max instead of the 99.99th percentile
+#   distill  + knowledge distillation from the fp32 model (weight 0.5, T = 1)
+ABLATIONS = ["ablate_w2a2_osc", "ablate_w2a2_scratch", "ablate_w2a2_1ep", "ablate_w2a2_maxcal",
+             "ablate_w2a2_distill"]
 
 
 def float_config(args):
+  """configs/fmnist_cnn.py with the demo's short schedule: no augmentation, light weight decay."""
   c = fmnist_cnn.get_config()
   c.num_epochs = args.float_epochs
+  c.warmup_steps = 50
+  c.augment = "none"
+  c.weight_decay = 5e-4
   c.seed = args.seed
   return c
 
@@ -73,6 +86,20 @@ def run_row(name: str, args) -> dict:
   elif name == "peer_qwix_w8a8":
     from benchmarks import qwix_peer  # pylint: disable=g-import-not-at-top
     r = qwix_peer.train_and_evaluate(qat_config(args, 8, "lsq"), wd)
+  elif name.startswith("ablate_"):
+    c = qat_config(args, 2, "lsq")
+    what = name.rsplit("_", 1)[1]
+    if what == "osc":
+      c.quant.osc_dampen, c.quant.osc_freeze = 0.1, 0.02
+    elif what == "scratch":
+      c.init_from, c.learning_rate = "", float_config(args).learning_rate
+    elif what == "1ep":
+      c.num_epochs = args.qat_epochs / 2
+    elif what == "maxcal":
+      c.quant.calib_act = "max"
+    elif what == "distill":
+      c.quant.teacher_workdir = os.path.join(args.workdir, "fp32")
+    r = train_and_evaluate(c, wd, progress=False)
   else:
     bits, estimator = parse_row(name)
     r = train_and_evaluate(qat_config(args, bits, estimator), wd, progress=False)
@@ -93,7 +120,8 @@ def table(rows) -> str:
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "bench_accuracy"))
-  p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+  p.add_argument("--rows", default=",".join(ROWS),
+                 help="comma-separated subset of " + ",".join(ROWS + ABLATIONS))
   p.add_argument("--float_epochs", type=float, default=5)
   p.add_argument("--qat_epochs", type=float, default=2)
   p.add_argument("--qat_lr", type=float, default=5e-4)
@@ -101,9 +129,9 @@ def main():
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accuracy.json"))
   args = p.parse_args()
   names = [n for n in args.rows.split(",") if n]
-  unknown = [n for n in names if n not in ROWS]
+  unknown = [n for n in names if n not in ROWS + ABLATIONS]
   if unknown:
-    sys.exit(f"error: unknown rows {unknown}; choose from {ROWS}")
+    sys.exit(f"error: unknown rows {unknown}; choose from {ROWS + ABLATIONS}")
   t0 = time.time()
   rows = []
   for n in ["fp32"] + [n for n in names if n != "fp32"]:
@@ -123,7 +151,7 @@ def main():
     with open(args.out, encoding="utf-8") as f:
       old = {r["name"]: r for r in json.load(f).get("rows", [])}
     new = {r["name"]: r for r in rows}
-    rows = [new.get(n) or old[n] for n in ROWS if n in new or n in old]
+    rows = [new.get(n) or old[n] for n in ROWS + ABLATIONS if n in new or n in old]
   out = {"model": "cnn", "dataset": "fashion_mnist", "rows": rows, "command": cmd,
          "seconds": round(time.time() - t0, 1),
          "recipe": {"float_epochs": args.float_epochs, "qat_epochs": args.qat_epochs,

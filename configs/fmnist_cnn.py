@@ -18,6 +18,7 @@ def get_config():
   c.optimizer = "adamw"
   c.learning_rate = 2e-3
   c.warmup_steps = 200
-  c.weight_decay = 5e-4
+  c.weight_decay = 0.05
+  c.augment = "flip"
   c.log_every = 100
   return c

@@ -5,7 +5,8 @@ Fields (override any on the command line as `--config.FIELD=VALUE`):
   data_dir              where the dataset lives ('' = the default places)
   num_train_examples    keep only the first N training examples (0 = all)
   num_test_examples     keep only the first N test examples (0 = all)
-  augment               'none', 'crop' or 'crop_flip' (random crop with 4-pixel padding, flip)
+  augment               'none', 'flip', 'crop' or 'crop_flip' (random crop with 4-pixel padding,
+                        horizontal flip)
   model, model_kwargs   a name from `mpq.models.MODELS` and its keyword arguments
   batch_size            global batch (split over devices and processes)
   eval_batch_size       global batch for evaluation
@@ -41,6 +42,9 @@ Fields (override any on the command line as `--config.FIELD=VALUE`):
     osc_freeze          iterative weight freezing: oscillation-frequency threshold (0: off)
     osc_track           log per-layer oscillation frequencies (`osc/...`) without freezing
     osc_momentum        EMA momentum of the oscillation frequency
+    teacher_workdir     knowledge distillation from this run's latest checkpoint ('' = off)
+    distill_weight      loss = (1 - w) CE + w T^2 KL(teacher || student) at temperature
+    distill_temperature   T
 """
 
 from __future__ import annotations
@@ -102,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.osc_freeze = 0.0
   c.quant.osc_track = False
   c.quant.osc_momentum = 0.01
+  c.quant.teacher_workdir = ""
+  c.quant.distill_weight = 0.5
+  c.quant.distill_temperature = 1.0
   return c
 
 
@@ -165,3 +172,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(qc.osc_dampen >= 0, f"config.quant.osc_dampen={qc.osc_dampen} must be >= 0")
   check(0 <= qc.osc_freeze < 1, f"config.quant.osc_freeze={qc.osc_freeze} must be in [0, 1)")
   check(0 < qc.osc_momentum <= 1, f"config.quant.osc_momentum={qc.osc_momentum} must be in (0, 1]")
+  check(0 <= qc.distill_weight <= 1, f"config.quant.distill_weight={qc.distill_weight} must be in [0, 1]")
+  check(qc.distill_temperature > 0,
+        f"config.quant.distill_temperature={qc.distill_temperature} must be positive")

@@ -262,3 +262,15 @@ def test_dampening_term_closed_form():
   expected = (0.3 - 0.33) ** 2 + (0.7 - 0.7) ** 2
   assert float(q.damp.value) == pytest.approx(expected, rel=1e-4)
   assert float(q.clip_frac.value) == 0.5
+
+
+def test_distillation_loss_is_scaled_kl():
+  from mpq.train.state import distillation_loss
+  s = RNG.randn(4, 10).astype(np.float32)
+  t = RNG.randn(4, 10).astype(np.float32)
+  for temp in (1.0, 3.0):
+    p = np.exp(t / temp) / np.exp(t / temp).sum(-1, keepdims=True)
+    q = np.exp(s / temp) / np.exp(s / temp).sum(-1, keepdims=True)
+    ref = temp ** 2 * np.sum(p * np.log(p / q), axis=-1)
+    np.testing.assert_allclose(distillation_loss(s, t, temp), ref, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(distillation_loss(t, t, 2.0), 0.0, atol=1e-6)

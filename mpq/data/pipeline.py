@@ -22,7 +22,7 @@ import numpy as np
 from mpq.data.sources import Dataset, Source
 from mpq.errors import UserError
 
-AUGMENTATIONS = ("none", "crop_flip", "crop")
+AUGMENTATIONS = ("none", "crop_flip", "crop", "flip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,11 @@ class _Augment:
   def __call__(self, batch, rng: np.random.Generator):
     images = batch["image"]
     b, h, w, _ = images.shape
+    if self.pad == 0:
+      out = images.copy()
+      flip = rng.random(b) < 0.5
+      out[flip] = out[flip, :, ::-1]
+      return dict(batch, image=out)
     padded = np.pad(images, ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0)))
     dy = rng.integers(0, 2 * self.pad + 1, size=b)
     dx = rng.integers(0, 2 * self.pad + 1, size=b)
@@ -69,7 +74,9 @@ class _Normalize:
 def _augment(name: str) -> _Augment | None:
   if name not in AUGMENTATIONS:
     raise UserError(f"unknown augmentation {name!r}; use one of {AUGMENTATIONS}")
-  return None if name == "none" else _Augment(pad=4, flip=name == "crop_flip")
+  if name == "none":
+    return None
+  return _Augment(pad=0 if name == "flip" else 4, flip=name in ("crop_flip", "flip"))
 
 
 def train_dataset(data: Dataset, batch_size: int, seed: int, num_steps: int, augment: str = "none",

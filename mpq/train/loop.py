@@ -68,6 +68,19 @@ def build_model(config, data: data_lib.Dataset, bypass: bool = False):
                       **config.model_kwargs.to_dict()), None
 
 
+def load_teacher(workdir: str, data: data_lib.Dataset):
+  """(graphdef, (params, rest)) of the model in `workdir`'s latest checkpoint, built from the config
+  it was trained with (the distillation teacher, usually the float model)."""
+  directory = os.path.join(workdir, ckpt_lib.LATEST)
+  _, meta = ckpt_lib.restore(directory, None, None)
+  tconfig = config_lib.from_dict(meta["config"])
+  model, _ = build_model(tconfig, data)
+  graphdef, params, rest = split_model(model)
+  restored, _ = ckpt_lib.restore_subset(directory, meta["step"], {"params": params, "rest": rest})
+  print(f"distilling from {workdir} (step {meta['step']})", flush=True)
+  return graphdef, (restored["params"], restored["rest"])
+
+
 def calibrate_state(config, data, graphdef, state: TrainState) -> TrainState:
   """Sets quantizer ranges from `quant.calib_batches` training batches (Wu et al. 2020)."""
   qc = config.quant
@@ -140,7 +153,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
   state = jax.device_put(state, rep)
   damp = (dampening_weight(config.quant.osc_dampen, total)
           if config.quant.enabled and config.quant.osc_dampen > 0 else None)
-  train_step = jax.jit(make_train_step(graphdef, tx, config.label_smoothing, damp),
+  teacher_graphdef, teacher = None, ()
+  if config.quant.enabled and config.quant.teacher_workdir:
+    teacher_graphdef, teacher = load_teacher(config.quant.teacher_workdir, data)
+    teacher = (jax.device_put(teacher, rep),)
+  train_step = jax.jit(make_train_step(graphdef, tx, config.label_smoothing, damp, teacher_graphdef,
+                                       config.quant.distill_weight, config.quant.distill_temperature),
                        donate_argnums=(0,), out_shardings=(rep, rep))
   eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
 
@@ -152,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
   try:
     step = start
     for batch in data_lib.iterate(ds, start):
-      state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+      state, metrics = train_step(state, parallel.shard_batch(batch, mesh), *teacher)
       step += 1
       pending.append((step, metrics))
       do_eval = step % eval_every == 0 or step == total

@@ -51,31 +51,47 @@ def dampening_weight(lambda_max: float, total_steps: int):
   return weight
 
 
+def distillation_loss(student_logits, teacher_logits, temperature: float):
+  """`T^2 * KL(softmax(teacher / T) || softmax(student / T))`, per example (Hinton et al. 2015)."""
+  t = jax.nn.log_softmax(teacher_logits / temperature)
+  s = jax.nn.log_softmax(student_logits / temperature)
+  return temperature ** 2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, label_smoothing: float = 0.0,
-                    damp_weight=None):
-  """`train_step(state, batch) -> (state, metrics)`; jit it (the loop does).
+                    damp_weight=None, teacher_graphdef=None, distill_weight: float = 0.0,
+                    temperature: float = 1.0):
+  """`train_step(state, batch[, teacher]) -> (state, metrics)`; jit it (the loop does).
 
   `damp_weight(step)`, when given, weighs the quantizers' oscillation-dampening term in the loss.
+  With `teacher_graphdef`, the step takes the teacher's `(params, rest)` as a third argument and the
+  loss is `(1 - a) CE + a KD` with `a = distill_weight` and KD the `distillation_loss` of the
+  teacher's eval-mode logits (knowledge distillation from a float model).
   Metrics: `loss` (the cross-entropy), `accuracy`, `grad_norm` and, for quantized models, per layer
   `clip/...` (and `osc/...`, `frozen/...`, `damp` where enabled).
   """
   from mpq.quant.quantizer import dampening_loss, quant_metrics  # pylint: disable=g-import-not-at-top
 
-  def loss_fn(params, rest, batch, step):
+  def loss_fn(params, rest, batch, step, teacher):
     model = nnx.merge(graphdef, params, rest, copy=True)
     logits = model(batch["image"], train=True)
     loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
     extra = quant_metrics(model)
     total = loss
+    if teacher is not None:
+      t_logits = nnx.merge(teacher_graphdef, *teacher)(batch["image"], train=False)
+      extra["distill"] = jnp.mean(distillation_loss(logits, jax.lax.stop_gradient(t_logits),
+                                                    temperature))
+      total = (1 - distill_weight) * loss + distill_weight * extra["distill"]
     if damp_weight is not None:
       extra["damp"] = dampening_loss(model)
-      total = loss + damp_weight(step) * extra["damp"]
+      total = total + damp_weight(step) * extra["damp"]
     _, _, new_rest = split_model(model)
     return total, (loss, logits, new_rest, extra)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, teacher=None):
     (_, (loss, logits, rest, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.rest, batch, state.step)
+        state.params, state.rest, batch, state.step, teacher)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
