@@ -26,7 +26,8 @@ _recorders: list[dict] = []
 
 @contextlib.contextmanager
 def record_costs():
-  """Within the block, every dense/conv call records `{name: {"params", "macs", "in", "out"}}`
+  """Within the block, every dense/conv call records
+  `{name: {"params", "weights" (kernel elements), "macs", "in", "out"}}`
   into the yielded dict (used with `jax.eval_shape` by `mpq.models.layer_costs`)."""
   table: dict = {}
   _recorders.append(table)
@@ -43,7 +44,8 @@ def note_cost(name: str, kernel_shape, x_shape, y_shape, params: int) -> None:
   fan_in = int(np.prod(kernel_shape[:-1]))
   macs = int(np.prod(y_shape[1:])) * fan_in
   for t in _recorders:
-    t[name] = {"params": int(params), "macs": macs, "in": list(x_shape[1:]), "out": list(y_shape[1:])}
+    t[name] = {"params": int(params), "weights": int(np.prod(kernel_shape)), "macs": macs,
+               "in": list(x_shape[1:]), "out": list(y_shape[1:])}
 
 
 class Layer(nnx.Module):

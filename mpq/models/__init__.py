@@ -45,7 +45,7 @@ def layer_table(model: nnx.Module) -> dict[str, Layer]:
 
 
 def layer_costs(model: nnx.Module, image_shape) -> dict[str, dict]:
-  """Per dense/conv layer: `{"params", "macs" (per example), "in", "out" (shapes)}`, from one
+  """Per dense/conv layer: `{"params", "weights", "macs" (per example), "in", "out" (shapes)}`, from one
   abstract forward pass (`jax.eval_shape`, no computation)."""
   graphdef, state = nnx.split(model)
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
