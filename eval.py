@@ -23,6 +23,7 @@ flags.DEFINE_enum("mode", "auto", ["auto", "float", "fake_quant"],
                   "checkpoint bypasses its quantizers.")
 flags.DEFINE_bool("ptq", False, "Post-training quantization: calibrate a float checkpoint on training "
                   "batches and evaluate it fake-quantized.")
+flags.DEFINE_string("export_bits", None, "Write the checkpoint's per-layer bit assignment (JSON).")
 flags.DEFINE_integer("w_bits", 8, "--ptq: weight bits.")
 flags.DEFINE_integer("a_bits", 8, "--ptq: activation bits.")
 flags.DEFINE_string("calib_act", "percentile", "--ptq: max, percentile, mse or entropy.")
@@ -54,6 +55,12 @@ def main(argv):
                ("model", r["config"]["model"]), ("dataset", r["config"]["dataset"]),
                ("examples", r["num_examples"]), ("accuracy", f"{100 * r['accuracy']:.2f}%"),
                ("loss", f"{r['loss']:.4f}")]))
+  if FLAGS.export_bits:
+    if "bits" not in r:
+      raise UserError(f"{FLAGS.workdir} holds a float model: there is no bit assignment to export")
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.export_bits)), exist_ok=True)
+    with open(FLAGS.export_bits, "w", encoding="utf-8") as f:
+      json.dump(r["bits"], f, indent=2)
   if FLAGS.json:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
     with open(FLAGS.json, "w", encoding="utf-8") as f:

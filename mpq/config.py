@@ -45,6 +45,18 @@ Fields (override any on the command line as `--config.FIELD=VALUE`):
     teacher_workdir     knowledge distillation from this run's latest checkpoint ('' = off)
     distill_weight      loss = (1 - w) CE + w T^2 KL(teacher || student) at temperature
     distill_temperature   T
+  mixed                 mixed-precision allocation before QAT (needs quant.enabled and init_from):
+    enabled, method     'ilp' (sensitivities + exact ILP under the budgets)
+    sensitivity         'hessian' (Hutchinson trace x quantization error) or 'measured' (loss increase)
+    solver              'ilp' or 'greedy' (the baseline)
+    bit_choices         candidate bitwidths; a_bits = 0 ties activation bits to them, > 0 fixes them
+    weight_bits_avg     budget: average weight bits over the allocated layers (model size)
+    bops_ratio          budget: BOPs as a fraction of W8A8
+    activation_bits_max   no layer's activations above this (0 = no limit)
+    latency_table, latency_budget   JSON {"layer": {"w4a4": ms, ...}} and the summed budget
+    pins                (regex, bits) pairs, first match wins, e.g. (('conv1|head', 8),)
+    calib_examples      training examples for the sensitivities
+    hutchinson_tol, hutchinson_max_probes   Hutchinson stopping rule (relative standard error)
 """
 
 from __future__ import annotations
@@ -109,6 +121,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.teacher_workdir = ""
   c.quant.distill_weight = 0.5
   c.quant.distill_temperature = 1.0
+
+  c.mixed = ml_collections.ConfigDict()
+  c.mixed.enabled = False
+  c.mixed.method = "ilp"
+  c.mixed.sensitivity = "hessian"
+  c.mixed.solver = "ilp"
+  c.mixed.bit_choices = (2, 3, 4, 5, 6, 8)
+  c.mixed.a_bits = 0
+  c.mixed.weight_bits_avg = 0.0
+  c.mixed.bops_ratio = 0.0
+  c.mixed.activation_bits_max = 0
+  c.mixed.latency_table = ""
+  c.mixed.latency_budget = 0.0
+  c.mixed.pins = ()
+  c.mixed.calib_examples = 256
+  c.mixed.hutchinson_tol = 0.05
+  c.mixed.hutchinson_max_probes = 32
   return c
 
 
@@ -173,5 +202,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(0 <= qc.osc_freeze < 1, f"config.quant.osc_freeze={qc.osc_freeze} must be in [0, 1)")
   check(0 < qc.osc_momentum <= 1, f"config.quant.osc_momentum={qc.osc_momentum} must be in (0, 1]")
   check(0 <= qc.distill_weight <= 1, f"config.quant.distill_weight={qc.distill_weight} must be in [0, 1]")
+  mc = config.mixed
+  if mc.enabled:
+    check(qc.enabled, "mixed.enabled=True needs quant.enabled=True")
+    check(mc.method == "ilp", f"config.mixed.method={mc.method!r}: only 'ilp' is implemented")
+    check(mc.sensitivity in ("hessian", "measured"),
+          f"config.mixed.sensitivity={mc.sensitivity!r} is unknown; use 'hessian' or 'measured'")
+    check(mc.solver in ("ilp", "greedy"), f"config.mixed.solver={mc.solver!r}: use 'ilp' or 'greedy'")
+    check(len(mc.bit_choices) > 0 and all(2 <= int(b) <= 16 for b in mc.bit_choices),
+          f"config.mixed.bit_choices={tuple(mc.bit_choices)} must be bitwidths from 2 to 16")
+    check(mc.weight_bits_avg >= 0 and mc.bops_ratio >= 0 and mc.activation_bits_max >= 0,
+          "mixed budgets must be >= 0 (0 = not constrained)")
+    check(bool(mc.latency_table) == (mc.latency_budget > 0),
+          "set both mixed.latency_table and mixed.latency_budget, or neither")
+    for i, pin in enumerate(mc.pins):
+      check(isinstance(pin, (tuple, list)) and len(pin) == 2 and isinstance(pin[0], str),
+            f"mixed.pins[{i}]={pin!r} must be a pair (regex, bits)")
   check(qc.distill_temperature > 0,
         f"config.quant.distill_temperature={qc.distill_temperature} must be positive")

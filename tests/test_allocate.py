@@ -185,3 +185,91 @@ def test_measured_sensitivity_equals_one_at_a_time_evaluation():
     for j, ch in enumerate(choices):
       assert s[i, j] == pytest.approx(direct(l, ch) - b0, abs=2e-4)
   assert s[0, 0] > s[0, 1]  # 2-bit weights hurt more than 4-bit
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allowed_columns_match_brute_force(seed):
+  rs = np.random.RandomState(100 + seed)
+  layers, choices = 4, 3
+  s, costs, budgets = instance(rs, layers, choices, 1)
+  allowed = rs.rand(layers, choices) > 0.3
+  allowed[np.arange(layers), rs.randint(0, choices, layers)] = True
+  penal = np.where(allowed, s, 1e6)  # brute force over allowed columns only
+  best, _ = brute_force(penal, costs, budgets)
+  if best >= 1e6 or not np.isfinite(best):
+    with pytest.raises(InfeasibleBudgetError):
+      solve_ilp(s, costs, budgets, allowed=allowed)
+    return
+  got = solve_ilp(s, costs, budgets, allowed=allowed)
+  assert allowed[np.arange(layers), got].all()
+  assert s[np.arange(layers), got].sum() == pytest.approx(best, rel=1e-9)
+  g = solve_greedy(s, costs, budgets, allowed=allowed)
+  assert allowed[np.arange(layers), g].all()
+
+
+# ------------------------------------------------------------------------------------- workflow
+import json  # noqa: E402
+import os  # noqa: E402
+
+from conftest import run_cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def float_tiny(tmp_path_factory):
+  from configs import tiny
+  from mpq.train import train_and_evaluate
+  wd = str(tmp_path_factory.mktemp("float"))
+  train_and_evaluate(tiny.get_config(), wd, progress=False)
+  return wd
+
+
+@pytest.mark.parametrize("sensitivity", ["hessian", "measured"])
+def test_tiny_mixed_ilp_run_meets_its_budget(float_tiny, tmp_path, sensitivity):
+  from configs import tiny
+  from mpq.train import train_and_evaluate
+  c = tiny.get_config()
+  c.quant.enabled, c.init_from, c.num_train_steps = True, float_tiny, 8
+  m = c.mixed
+  m.enabled, m.sensitivity, m.weight_bits_avg, m.calib_examples = True, sensitivity, 3.0, 64
+  m.hutchinson_max_probes = 8
+  m.pins = (("conv1|head", 8),)
+  wd = str(tmp_path / "w")
+  r = train_and_evaluate(c, wd, progress=False)
+  assert r["accuracy"] > 0.3
+  bits = json.load(open(os.path.join(wd, "bits.json")))
+  layers = {k: v for k, v in bits.items() if not k.startswith("_")}
+  assert layers["conv1"]["w_bits"] == 8 and layers["head"]["w_bits"] == 8
+  # hand-counted kernels of the quarter-width CNN (fc1: 3x3x32 inputs after three 2x2 pools)
+  weights = {"conv1": 3 * 3 * 1 * 8, "conv2": 3 * 3 * 8 * 16, "conv3": 3 * 3 * 16 * 32,
+             "fc1": 288 * 32, "head": 32 * 10}
+  used = sum(weights[k] * v["w_bits"] for k, v in layers.items())
+  assert used <= 3.0 * sum(weights.values()) + 1e-6
+  assert bits["_totals"]["weight_bits"] == pytest.approx(used)
+  assert bits["_budgets"]["weight_bits"] == pytest.approx(3.0 * sum(weights.values()))
+  assert all(v["w_bits"] == v["a_bits"] for v in layers.values())
+  assert set(bits["_allocation"]) >= {"sensitivity", "solver", "choices"}
+  # the checkpoint holds the assignment: eval.py --export_bits writes it
+  out = run_cli("eval.py", f"--workdir={wd}", f"--export_bits={tmp_path / 'b.json'}")
+  assert out.returncode == 0, out.stderr
+  exported = json.load(open(tmp_path / "b.json"))
+  assert {k: (v["w_bits"], v["a_bits"]) for k, v in exported.items()} == \
+      {k: (v["w_bits"], v["a_bits"]) for k, v in layers.items()}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.mixed.pins=(('conv9', 8),)", "--config.mixed.weight_bits_avg=4"],
+     "mixed.pins[0] pattern 'conv9' matches no allocated layer; layer paths: conv1, conv2"),
+    (["--config.mixed.weight_bits_avg=1.5"],
+     "weight_bits <= 23052 (smallest achievable 30736)"),  # 1.5 and 2 bits x 15368 weights
+    (["--config.mixed.pins=(('conv1', 7),)", "--config.mixed.weight_bits_avg=4"],
+     "not among mixed.bit_choices"),
+    ([], "needs a budget"),
+])
+def test_mixed_config_errors(float_tiny, tmp_path, flags, message):
+  out = run_cli("train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                "--config.quant.enabled=True", f"--config.init_from={float_tiny}",
+                "--config.mixed.enabled=True", "--config.mixed.hutchinson_max_probes=4",
+                "--config.mixed.calib_examples=32", *flags)
+  assert out.returncode != 0
+  assert message in out.stderr, out.stderr
+  assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -62,17 +62,32 @@ def _check(sensitivity, costs, budgets):
   return s, out
 
 
-def min_costs(costs: Mapping[str, np.ndarray], ties=()) -> dict[str, float]:
-  """The smallest achievable total of each cost on its own (respecting ties)."""
+def _allowed_groups(allowed, groups, shape):
+  a = np.ones(shape, bool) if allowed is None else np.asarray(allowed, bool)
+  if a.shape != shape:
+    raise ValueError(f"allowed has shape {a.shape}, sensitivity has {shape}")
+  ag = np.stack([a[g].all(axis=0) for g in groups])
+  empty = [groups[i] for i in np.flatnonzero(~ag.any(axis=1))]
+  if empty:
+    raise InfeasibleBudgetError(f"layers {empty[0]} have no allowed choice (pins, activation "
+                                "limits and ties exclude every column)")
+  return ag
+
+
+def min_costs(costs: Mapping[str, np.ndarray], ties=(), allowed=None) -> dict[str, float]:
+  """The smallest achievable total of each cost on its own (respecting ties and `allowed`)."""
   out = {}
   for name, k in costs.items():
     k = np.asarray(k, np.float64)
-    out[name] = float(sum(k[g].sum(axis=0).min() for g in _groups(k.shape[0], ties)))
+    groups = _groups(k.shape[0], ties)
+    ag = _allowed_groups(allowed, groups, k.shape)
+    out[name] = float(sum(np.where(ag[i], k[g].sum(axis=0), np.inf).min()
+                          for i, g in enumerate(groups)))
   return out
 
 
-def _infeasible(costs, budgets, ties, joint: bool) -> InfeasibleBudgetError:
-  lows = min_costs(costs, ties)
+def _infeasible(costs, budgets, ties, joint: bool, allowed=None) -> InfeasibleBudgetError:
+  lows = min_costs(costs, ties, allowed)
   parts = [f"{n} <= {budgets[n]:.6g} (smallest achievable {lows[n]:.6g})" for n in budgets]
   why = ("the budgets cannot all hold at once, although each can alone" if joint
          else "a budget is below its smallest achievable value")
@@ -80,7 +95,7 @@ def _infeasible(costs, budgets, ties, joint: bool) -> InfeasibleBudgetError:
 
 
 def solve_ilp(sensitivity, costs: Mapping[str, np.ndarray], budgets: Mapping[str, float],
-              ties: Sequence[Sequence[int]] = ()) -> np.ndarray:
+              ties: Sequence[Sequence[int]] = (), allowed=None) -> np.ndarray:
   """The column per layer that minimises the summed sensitivity under every budget (exact).
 
   Args:
@@ -88,6 +103,8 @@ def solve_ilp(sensitivity, costs: Mapping[str, np.ndarray], budgets: Mapping[str
     costs: name -> float array [layers, choices]; only the names in `budgets` constrain.
     budgets: name -> the largest allowed total of that cost.
     ties: groups of layer indices that must take the same choice.
+    allowed: optional bool array [layers, choices]; False excludes a column for that layer (pins,
+      activation-bit limits).
   Returns:
     int array [layers] of chosen column indices.
   Raises:
@@ -96,9 +113,10 @@ def solve_ilp(sensitivity, costs: Mapping[str, np.ndarray], budgets: Mapping[str
   s, ks = _check(sensitivity, costs, budgets)
   num_layers, num_choices = s.shape
   groups = _groups(num_layers, ties)
-  lows = min_costs(ks, ties)
+  ag = _allowed_groups(allowed, groups, s.shape)
+  lows = min_costs(ks, ties, allowed)
   if any(budgets[n] < lows[n] - 1e-9 * max(1.0, abs(lows[n])) for n in budgets):
-    raise _infeasible(ks, budgets, ties, joint=False)
+    raise _infeasible(ks, budgets, ties, joint=False, allowed=allowed)
   g = len(groups)
   # objective and costs per (group, choice)
   c = np.stack([s[grp].sum(axis=0) for grp in groups]).ravel()
@@ -112,9 +130,10 @@ def solve_ilp(sensitivity, costs: Mapping[str, np.ndarray], budgets: Mapping[str
   a = sparse.vstack(rows).tocsr()
   res = optimize.milp(c, constraints=optimize.LinearConstraint(a, np.concatenate(lo),
                                                                np.concatenate(hi)),
-                      integrality=np.ones_like(c), bounds=optimize.Bounds(0, 1))
+                      integrality=np.ones_like(c),
+                      bounds=optimize.Bounds(0, ag.ravel().astype(np.float64)))
   if res.status == 2:  # infeasible
-    raise _infeasible(ks, budgets, ties, joint=True)
+    raise _infeasible(ks, budgets, ties, joint=True, allowed=allowed)
   if not res.success:
     raise RuntimeError(f"HiGHS did not solve the allocation: {res.message}")
   choice_g = np.argmax(res.x.reshape(g, num_choices), axis=1)
@@ -125,19 +144,20 @@ def solve_ilp(sensitivity, costs: Mapping[str, np.ndarray], budgets: Mapping[str
 
 
 def solve_greedy(sensitivity, costs: Mapping[str, np.ndarray], budgets: Mapping[str, float],
-                 ties: Sequence[Sequence[int]] = ()) -> np.ndarray:
+                 ties: Sequence[Sequence[int]] = (), allowed=None) -> np.ndarray:
   """Baseline: start every group at its most expensive choice, then repeatedly take the cheaper
   choice with the smallest sensitivity increase per unit of (budget-normalised) cost saved on the
   violated budgets, until all budgets hold."""
   s, ks = _check(sensitivity, costs, budgets)
   groups = _groups(s.shape[0], ties)
-  lows = min_costs(ks, ties)
+  ag = _allowed_groups(allowed, groups, s.shape)
+  lows = min_costs(ks, ties, allowed)
   if any(budgets[n] < lows[n] - 1e-9 * max(1.0, abs(lows[n])) for n in budgets):
-    raise _infeasible(ks, budgets, ties, joint=False)
+    raise _infeasible(ks, budgets, ties, joint=False, allowed=allowed)
   sg = np.stack([s[g].sum(axis=0) for g in groups])
   kg = {n: np.stack([k[g].sum(axis=0) for g in groups]) for n, k in ks.items()}
   total_cost = sum(k / max(float(budgets[n]), 1e-12) for n, k in kg.items())
-  choice = np.argmax(total_cost, axis=1)
+  choice = np.argmax(np.where(ag, total_cost, -np.inf), axis=1)
   rows = np.arange(len(groups))
   while True:
     totals = {n: float(k[rows, choice].sum()) for n, k in kg.items()}
@@ -148,7 +168,7 @@ def solve_greedy(sensitivity, costs: Mapping[str, np.ndarray], budgets: Mapping[
                  for n in violated)  # [groups, choices]
     loss = sg - sg[rows, choice][:, None]
     # sensitivity added per unit saved; among equal ratios prefer the larger saving
-    ratio = np.where(saving > 1e-15,
+    ratio = np.where((saving > 1e-15) & ag,
                      np.maximum(loss, 0.0) / np.maximum(saving, 1e-15) - 1e-12 * saving, np.inf)
     best = np.unravel_index(np.argmin(ratio), ratio.shape)
     if not np.isfinite(ratio[best]):

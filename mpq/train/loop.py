@@ -81,6 +81,19 @@ def load_teacher(workdir: str, data: data_lib.Dataset):
   return graphdef, (restored["params"], restored["rest"])
 
 
+def _allocate(config, data, graphdef, state):
+  """mixed.method=ilp: allocates bits from the float checkpoint and sets them in the state."""
+  from mpq.allocate import workflow  # pylint: disable=g-import-not-at-top
+  allocation = workflow.allocate(config, data)
+  model = nnx.merge(graphdef, state.params, state.rest)
+  quant.set_bits(model, allocation["assignment"])
+  _, params, rest = split_model(model)
+  t = allocation["report"]["totals"]
+  print(f"allocated bits by {config.mixed.sensitivity} sensitivity + {config.mixed.solver}: "
+        f"weight bits avg {t['weight_bits_avg']:.3f}, BOPs {t['bops_ratio']:.3f} of W8A8", flush=True)
+  return state._replace(params=params, rest=rest), allocation
+
+
 def calibrate_state(config, data, graphdef, state: TrainState) -> TrainState:
   """Sets quantizer ranges from `quant.calib_batches` training batches (Wu et al. 2020)."""
   qc = config.quant
@@ -129,20 +142,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
   graphdef, state = init_state(model, tx)
 
   latest = ckpt_lib.steps(os.path.join(workdir, ckpt_lib.LATEST))
+  allocation = None
   if latest:
     state, meta = ckpt_lib.restore(os.path.join(workdir, ckpt_lib.LATEST), None, state)
     print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
   else:
     if config.init_from:
       state = _init_from(config.init_from, state)
+    if config.mixed.enabled:
+      state, allocation = _allocate(config, data, graphdef, state)
     if qtable is not None:
       state = calibrate_state(config, data, graphdef, state)
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
   if qtable is not None and jax.process_index() == 0:
     model = nnx.merge(graphdef, state.params, state.rest)
-    quant_model.write_bits(os.path.join(workdir, "bits.json"),
-                           quant_model.bits_table(model, qtable, data.image_shape))
+    bits = quant_model.bits_table(model, qtable, data.image_shape)
+    if allocation is not None:
+      rep = allocation["report"]
+      for p, extra in rep["per_layer"].items():
+        bits[p].update(extra)
+      bits["_budgets"], bits["_totals"] = rep["budgets"], rep["totals"]
+      bits["_allocation"] = {k: v for k, v in rep.items()
+                             if k not in ("per_layer", "budgets", "totals")}
+    if allocation is not None or not latest:
+      quant_model.write_bits(os.path.join(workdir, "bits.json"), bits)
   del model
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)

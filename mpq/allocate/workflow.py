@@ -1,0 +1,173 @@
+"""`mixed.method=ilp` in the training workflow: sensitivities, costs, budgets, pins -> an assignment.
+
+Called by the training loop before QAT starts (not on resume: the bits then come from the
+checkpoint). The allocated layers are the dense and conv layers; additions keep their `quant`
+rule/default bits. A choice is a (w_bits, a_bits) pair: `(b, b)` for every b in `mixed.bit_choices`,
+or `(b, mixed.a_bits)` when `mixed.a_bits > 0` (weights only).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mpq import models
+from mpq.allocate import costs as cost_lib
+from mpq.allocate import sensitivity as sens
+from mpq.allocate.ilp import solve_greedy, solve_ilp
+from mpq.errors import UserError
+
+BUDGETS = ("weight_bits_avg", "bops_ratio", "activation_bits_max", "latency")
+
+
+def choices_of(mc) -> list[tuple[int, int]]:
+  bits = [int(b) for b in mc.bit_choices]
+  return [(b, int(mc.a_bits) if mc.a_bits else b) for b in bits]
+
+
+def allowed_mask(paths, choices, mc) -> np.ndarray:
+  """[layers, choices] bool from `mixed.pins` (regex -> bits, first match wins) and
+  `mixed.activation_bits_max`; a pin that matches no layer is an error."""
+  allowed = np.ones((len(paths), len(choices)), bool)
+  bits = [c[0] for c in choices]
+  used = [False] * len(mc.pins)
+  for i, p in enumerate(paths):
+    for j, (pattern, b) in enumerate(mc.pins):
+      if re.fullmatch(pattern, p):
+        if int(b) not in bits:
+          raise UserError(f"mixed.pins[{j}] pins {pattern!r} to {b} bits, which is not among "
+                          f"mixed.bit_choices={bits}")
+        allowed[i] = [c[0] == int(b) for c in choices]
+        used[j] = True
+        break
+  for j, u in enumerate(used):
+    if not u:
+      raise UserError(f"mixed.pins[{j}] pattern {mc.pins[j][0]!r} matches no allocated layer; "
+                      f"layer paths: {', '.join(paths)}")
+  if mc.activation_bits_max:
+    allowed &= np.asarray([c[1] <= mc.activation_bits_max for c in choices])[None]
+  return allowed
+
+
+def budgets_of(mc, tables, layers) -> dict[str, float]:
+  out = {}
+  if mc.weight_bits_avg:
+    out["weight_bits"] = float(mc.weight_bits_avg) * sum(l["weights"] for l in layers.values())
+  if mc.bops_ratio:
+    out["bops"] = float(mc.bops_ratio) * 64.0 * sum(l["macs"] for l in layers.values())
+  if mc.latency_budget:
+    out["latency"] = float(mc.latency_budget)
+  if not out and not mc.activation_bits_max:
+    raise UserError("mixed.enabled=True needs a budget: set mixed.weight_bits_avg, "
+                    "mixed.bops_ratio, mixed.activation_bits_max or mixed.latency_budget")
+  del tables
+  return out
+
+
+def _calibration_set(config, data, n: int):
+  from mpq import data as data_lib  # pylint: disable=g-import-not-at-top
+  ds = data_lib.train_dataset(data, min(n, len(data.train)), config.seed + 2, 1)
+  batch = next(iter(data_lib.iterate(ds, 0)))
+  return np.asarray(batch["image"]), np.asarray(batch["label"])
+
+
+def _float_model(config, data):
+  from mpq.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  model = models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
+                       **config.model_kwargs.to_dict())
+  params, rest = nnx.state(model, nnx.Param), nnx.state(model, nnx.Not(nnx.Param))
+  restored, _ = ckpt_lib.restore_subset(os.path.join(config.init_from, ckpt_lib.LATEST), None,
+                                        {"params": params, "rest": rest})
+  nnx.update(model, restored["params"], restored["rest"])
+  return model
+
+
+def _prefix(path: str) -> str:
+  return "".join(f"['{p}']" for p in path.split("/"))
+
+
+def hessian_scores(config, data, paths, choices):
+  from mpq.train.state import cross_entropy  # pylint: disable=g-import-not-at-top
+  model = _float_model(config, data)
+  x, y = _calibration_set(config, data, config.mixed.calib_examples)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p):
+    return jnp.mean(cross_entropy(nnx.merge(graphdef, p, rest)(jnp.asarray(x), train=False),
+                                  jnp.asarray(y)))
+
+  groups = [lambda n, pre=_prefix(p): n.startswith(pre) and "['kernel']" in n for p in paths]
+  r = sens.hutchinson_traces(loss, params, groups, jax.random.key(config.seed),
+                             rel_tol=config.mixed.hutchinson_tol,
+                             max_probes=config.mixed.hutchinson_max_probes)
+  table = models.layer_table(model)
+  kernels = [np.asarray((table[p].conv if hasattr(table[p], "conv") else table[p].linear).kernel.value)
+             for p in paths]
+  s = sens.hessian_sensitivity(r["trace"], kernels, choices)
+  return s, {"trace": r["trace"].tolist(), "trace_stderr": r["stderr"].tolist(),
+             "probes": int(r["probes"])}
+
+
+def measured_scores(config, data, paths, choices):
+  from mpq import quant  # pylint: disable=g-import-not-at-top
+  from mpq.quant import model as quant_model  # pylint: disable=g-import-not-at-top
+  c = config.copy_and_resolve_references()
+  c.quant.enabled, c.quant.estimator, c.quant.rules = True, "dbits", ()
+  model, _ = quant_model.build(c, data.num_classes, data.image_shape)
+  fm = _float_model(config, data)
+  nnx.update(model, nnx.state(fm, nnx.Param), nnx.state(fm, nnx.BatchStat))
+  x, y = _calibration_set(config, data, config.mixed.calib_examples)
+  quant.calibrate(model, [x], config.quant.calib_act, config.quant.calib_weight,
+                  config.quant.calib_percentile)
+  s, base = sens.measured_sensitivity(model, paths, choices, x, y)
+  return s, {"reference_loss": base}
+
+
+def allocate(config, data) -> dict:
+  """Runs the allocation; returns `{"assignment": {path: {"w_bits", "a_bits"}}, "report": {...}}`."""
+  mc = config.mixed
+  if not config.init_from:
+    raise UserError("mixed.method=ilp needs a float checkpoint: set --config.init_from=FLOAT_WORKDIR")
+  fm = models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
+                    **config.model_kwargs.to_dict())
+  layers = {p: v for p, v in models.layer_costs(fm, data.image_shape).items()}
+  paths = list(layers)
+  choices = choices_of(mc)
+  allowed = allowed_mask(paths, choices, mc)
+  latency = cost_lib.load_latency(mc.latency_table) if mc.latency_table else None
+  tables = cost_lib.cost_tables(layers, choices, latency)
+  budgets = budgets_of(mc, tables, layers)
+  solver = solve_ilp if mc.solver == "ilp" else solve_greedy
+  try:  # feasibility first, before the (slow) sensitivities
+    solver(np.zeros((len(paths), len(choices))), {k: tables[k] for k in budgets}, budgets,
+           allowed=allowed)
+  except ValueError as e:
+    raise UserError(f"mixed budgets: {e}") from None
+  t0 = time.time()
+  if mc.sensitivity == "hessian":
+    s, info = hessian_scores(config, data, paths, choices)
+  else:
+    s, info = measured_scores(config, data, paths, choices)
+  seconds = time.time() - t0
+  try:
+    pick = solver(s, {k: tables[k] for k in budgets}, budgets, allowed=allowed)
+  except ValueError as e:
+    raise UserError(f"mixed budgets: {e}") from None
+  rows = np.arange(len(paths))
+  tot = cost_lib.totals(tables, pick)
+  assignment = {p: {"w_bits": choices[c][0], "a_bits": choices[c][1]} for p, c in zip(paths, pick)}
+  per_layer = {p: {"sensitivity": float(s[i, pick[i]]), "weight_bits": float(tables["weight_bits"][i, pick[i]]),
+                   "bops": float(tables["bops"][i, pick[i]])} for i, p in enumerate(paths)}
+  report = {"method": "ilp", "solver": mc.solver, "sensitivity": mc.sensitivity,
+            "choices": [list(c) for c in choices], "budgets": budgets,
+            "totals": {**tot, "weight_bits_avg": tot["weight_bits"] / sum(l["weights"] for l in layers.values()),
+                       "bops_ratio": tot["bops"] / (64.0 * sum(l["macs"] for l in layers.values())),
+                       "objective": float(s[rows, pick].sum())},
+            "per_layer": per_layer, "sensitivity_seconds": round(seconds, 2), **info}
+  return {"assignment": assignment, "report": report}
