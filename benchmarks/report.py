@@ -18,14 +18,17 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
 def accuracy_table(r: dict) -> str:
-  lines = [f"Model `{r['model']}` on {r['dataset']}; command: `{r['command']}` "
-           f"({r['seconds'] / 60:.0f} min for the rows of that run).", "",
-           "| row | test accuracy (%) | delta to fp32 | target | meets |", "|---|---|---|---|---|"]
+  cmds = sorted({row.get("command", r["command"]) for row in r["rows"]})
+  lines = [f"Model `{r['model']}` on {r['dataset']}, test split; produced by "
+           + ", ".join(f"`{c}`" for c in cmds) + ".", "",
+           "| row | test accuracy (%) | delta to fp32 | target | meets | seconds |",
+           "|---|---|---|---|---|---|"]
   for row in r["rows"]:
     target = f"within {row['target']}" if "target" in row else ""
     meets = "" if "meets" not in row else ("yes" if row["meets"] else "**no**")
     delta = f"{row['delta']:+.2f}" if "delta" in row else ""
-    lines.append(f"| {row['name']} | {row['accuracy']:.2f} | {delta} | {target} | {meets} |")
+    lines.append(f"| {row['name']} | {row['accuracy']:.2f} | {delta} | {target} | {meets} | "
+                 f"{row['seconds']:.0f} |")
   return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ def get_config():
   c = base_config()
   c.model = "resnet20"
   c.batch_size = 128
-  c.num_epochs = 20.0
+  c.num_epochs = 5.0
   c.optimizer = "sgd"
   c.momentum = 0.9
   c.learning_rate = 0.1
