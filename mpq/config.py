@@ -46,7 +46,9 @@ Fields (override any on the command line as `--config.FIELD=VALUE`):
     distill_weight      loss = (1 - w) CE + w T^2 KL(teacher || student) at temperature
     distill_temperature   T
   mixed                 mixed-precision allocation before QAT (needs quant.enabled and init_from):
-    enabled, method     'ilp' (sensitivities + exact ILP under the budgets)
+    enabled, method     'ilp' (sensitivities + exact ILP under the budgets) or 'dbits' (learned
+                        continuous bits under a Lagrangian size budget, then ILP rounding and
+                        fine-tuning; needs quant.estimator='dbits' and weight_bits_avg)
     sensitivity         'hessian' (Hutchinson trace x quantization error) or 'measured' (loss increase)
     solver              'ilp' or 'greedy' (the baseline)
     bit_choices         candidate bitwidths; a_bits = 0 ties activation bits to them, > 0 fixes them
@@ -57,6 +59,9 @@ Fields (override any on the command line as `--config.FIELD=VALUE`):
     pins                (regex, bits) pairs, first match wins, e.g. (('conv1|head', 8),)
     calib_examples      training examples for the sensitivities
     hutchinson_tol, hutchinson_max_probes   Hutchinson stopping rule (relative standard error)
+    dbits_fraction      dbits: fraction of training with learned bits before rounding
+    dbits_lr            dbits: Adam learning rate of the continuous bits
+    lagrange_lr         dbits: dual-ascent step of the budget's Lagrange multiplier
 """
 
 from __future__ import annotations
@@ -138,6 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixed.calib_examples = 256
   c.mixed.hutchinson_tol = 0.05
   c.mixed.hutchinson_max_probes = 32
+  c.mixed.dbits_fraction = 0.5
+  c.mixed.dbits_lr = 0.01
+  c.mixed.lagrange_lr = 0.05
   return c
 
 
@@ -205,7 +213,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   mc = config.mixed
   if mc.enabled:
     check(qc.enabled, "mixed.enabled=True needs quant.enabled=True")
-    check(mc.method == "ilp", f"config.mixed.method={mc.method!r}: only 'ilp' is implemented")
+    check(mc.method in ("ilp", "dbits"), f"config.mixed.method={mc.method!r}: use 'ilp' or 'dbits'")
+    if mc.method == "dbits":
+      check(qc.estimator == "dbits", "mixed.method=dbits needs --config.quant.estimator=dbits")
+      check(mc.weight_bits_avg > 0, "mixed.method=dbits needs a size budget: mixed.weight_bits_avg")
+      check(0 < mc.dbits_fraction < 1, f"mixed.dbits_fraction={mc.dbits_fraction} must be in (0, 1)")
     check(mc.sensitivity in ("hessian", "measured"),
           f"config.mixed.sensitivity={mc.sensitivity!r} is unknown; use 'hessian' or 'measured'")
     check(mc.solver in ("ilp", "greedy"), f"config.mixed.solver={mc.solver!r}: use 'ilp' or 'greedy'")

@@ -273,3 +273,30 @@ def test_mixed_config_errors(float_tiny, tmp_path, flags, message):
   assert out.returncode != 0
   assert message in out.stderr, out.stderr
   assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_tiny_dbits_run_rounds_to_a_feasible_assignment(float_tiny, tmp_path):
+  from configs import tiny
+  from mpq.train import train_and_evaluate
+  c = tiny.get_config()
+  c.quant.enabled, c.quant.estimator, c.quant.w_bits = True, "dbits", 6
+  c.init_from, c.num_train_steps = float_tiny, 24
+  m = c.mixed
+  m.enabled, m.method, m.weight_bits_avg = True, "dbits", 3.0
+  m.pins, m.lagrange_lr, m.dbits_lr = (("conv1|head", 8),), 0.5, 0.05
+  wd = str(tmp_path / "w")
+  r = train_and_evaluate(c, wd, progress=False)
+  assert r["accuracy"] > 0.3
+  bits = json.load(open(os.path.join(wd, "bits.json")))
+  layers = {k: v for k, v in bits.items() if not k.startswith("_")}
+  weights = {"conv1": 72, "conv2": 1152, "conv3": 4608, "fc1": 9216, "head": 320}
+  assert layers["conv1"]["w_bits"] == 8 and layers["head"]["w_bits"] == 8
+  assert all(v["a_bits"] == 8 for v in layers.values())  # activations fixed at quant.a_bits
+  assert all(float(v["w_bits"]).is_integer() for v in layers.values())
+  used = sum(weights[k] * v["w_bits"] for k, v in layers.items())
+  assert used <= 3.0 * sum(weights.values()) + 1e-6
+  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  lam = [r_["lagrange"] for r_ in rows if "lagrange" in r_]
+  ratio = [r_["size_ratio"] for r_ in rows if "size_ratio" in r_]
+  assert ratio[0] > 1.0 and lam[-1] > 0.0  # the budget was violated at 6 bits, so lambda rose
+  assert ratio[-1] <= 1.0 + 1e-6  # after rounding the size meets the budget

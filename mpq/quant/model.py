@@ -41,13 +41,15 @@ def build(config, num_classes: int, image_shape, bypass: bool = False):
 
 
 def current_bits(model: nnx.Module) -> dict[str, dict[str, float]]:
-  """`{layer: {"w_bits": b, "a_bits": b}}` read from the model's quantizers (dbits: continuous)."""
+  """`{layer: {"w_bits": b, "a_bits": b}}` read from the model's quantizers (dbits: the integer bits
+  it evaluates at)."""
   out: dict[str, dict[str, float]] = {}
   for path, module in nnx.iter_modules(model):
     if isinstance(module, Quantizer) and module.estimator != "none":
       layer = "/".join(str(k) for k in path[:-1])
       key = "w_bits" if module.role == "weight" else "a_bits"
-      out.setdefault(layer, {})[key] = float(jax.device_get(module.bits.value))
+      b = module.int_bits() if module.estimator == "dbits" else module.bits.value
+      out.setdefault(layer, {})[key] = float(jax.device_get(b))
   return out
 
 

@@ -66,6 +66,8 @@ class Quantizer(nnx.Module):
     self.shape = shape
     bits = jnp.asarray(bits, jnp.float32)
     self.bits = QParam(bits) if estimator == "dbits" else QState(bits)
+    if estimator == "dbits":  # > 0: an integer bitwidth fixed after rounding (mixed.method=dbits)
+      self.fixed_bits = QState(jnp.zeros((), jnp.float32))
     self.count = QState(jnp.zeros((), jnp.int32))  # training calls so far
     if estimator == "ste" and role == "act":
       self.lo = QState(jnp.asarray(-1.0 if self.signed else 0.0))
@@ -96,8 +98,12 @@ class Quantizer(nnx.Module):
 
   # ------------------------------------------------------------------------------------ forward
   def int_bits(self) -> jax.Array:
-    """The integer bitwidth used at evaluation (dbits: `round(bits)` clipped to [2, 16])."""
-    return jnp.clip(jnp.round(self.bits.value), core.MIN_BITS, core.MAX_BITS)
+    """The integer bitwidth used at evaluation (dbits: the fixed bits once set, else `round(bits)`
+    clipped to [2, 16])."""
+    b = jnp.clip(jnp.round(self.bits.value), core.MIN_BITS, core.MAX_BITS)
+    if self.estimator == "dbits":
+      b = jnp.where(self.fixed_bits.value > 0, self.fixed_bits.value, b)
+    return b
 
   def _per_scale(self, x) -> float:
     """Elements sharing one scale: per channel for weights, per example for activations."""
@@ -183,6 +189,8 @@ class Quantizer(nnx.Module):
       self.count.value = self.count.value + 1
     if e == "dbits":
       bits = self.bits.value if train else self.int_bits()
+      if train:  # once fixed, train at the fixed integer bits (no gradient to `bits`)
+        bits = jnp.where(self.fixed_bits.value > 0, self.fixed_bits.value, bits)
       n_, p = core.qrange(jnp.floor(jnp.clip(bits, 2, 16)), self.signed, narrow=self.signed)
       g = est.lsq_grad_scale(self._per_scale(x), p)
       return est.dbits(x, self.amax.value, bits, self.signed, g)

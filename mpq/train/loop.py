@@ -21,6 +21,7 @@ from flax import nnx
 from mpq import config as config_lib
 from mpq import data as data_lib
 from mpq import models, quant
+from mpq.allocate import dbits as dbits_lib
 from mpq.quant import model as quant_model
 from mpq.errors import NonFiniteLossError, UserError
 from mpq.train import checkpoint as ckpt_lib
@@ -79,6 +80,23 @@ def load_teacher(workdir: str, data: data_lib.Dataset):
   restored, _ = ckpt_lib.restore_subset(directory, meta["step"], {"params": params, "rest": rest})
   print(f"distilling from {workdir} (step {meta['step']})", flush=True)
   return graphdef, (restored["params"], restored["rest"])
+
+
+def _dbits_budget(config, data):
+  """(kernel elements per allocated layer, the weight-bit budget) for mixed.method=dbits."""
+  fm = models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
+                    **config.model_kwargs.to_dict())
+  weights = {p: v["weights"] for p, v in models.layer_costs(fm, data.image_shape).items()}
+  return weights, float(config.mixed.weight_bits_avg) * sum(weights.values())
+
+
+def _round_dbits(config, graphdef, state, weights, budget_bits, rep):
+  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest))
+  assignment = dbits_lib.round_bits(model, weights, budget_bits, config.mixed.bit_choices)
+  _, params, rest = split_model(model)
+  used = sum(weights[p] * b for p, b in assignment.items()) / sum(weights.values())
+  print(f"dbits: rounded to {assignment} (weight bits avg {used:.3f}); fine-tuning", flush=True)
+  return jax.device_put(state._replace(params=params, rest=rest), rep)
 
 
 def _allocate(config, data, graphdef, state):
@@ -140,6 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
   model, qtable = build_model(config, data)
   tx = optim.build(config, total)
   graphdef, state = init_state(model, tx)
+  dbits_method = config.mixed.enabled and config.mixed.method == "dbits"
+  if dbits_method:
+    state = state._replace(extra={"lagrange": jnp.zeros((), jnp.float32)})
 
   latest = ckpt_lib.steps(os.path.join(workdir, ckpt_lib.LATEST))
   allocation = None
@@ -149,8 +170,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
   else:
     if config.init_from:
       state = _init_from(config.init_from, state)
-    if config.mixed.enabled:
+    if config.mixed.enabled and not dbits_method:
       state, allocation = _allocate(config, data, graphdef, state)
+    if dbits_method:
+      m = nnx.merge(graphdef, state.params, state.rest)
+      dbits_lib.setup(m, config.mixed, config.mixed.a_bits or config.quant.a_bits)
+      _, params, rest = split_model(m)
+      state = state._replace(params=params, rest=rest)
     if qtable is not None:
       state = calibrate_state(config, data, graphdef, state)
   os.makedirs(workdir, exist_ok=True)
@@ -181,8 +207,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
   if config.quant.enabled and config.quant.teacher_workdir:
     teacher_graphdef, teacher = load_teacher(config.quant.teacher_workdir, data)
     teacher = (jax.device_put(teacher, rep),)
+  budget, round_step, weights = None, -1, None
+  if dbits_method:
+    weights, budget_bits = _dbits_budget(config, data)
+    round_step = int(config.mixed.dbits_fraction * total)
+    budget = dbits_lib.make_budget(weights, budget_bits, config.mixed.lagrange_lr, round_step)
   train_step = jax.jit(make_train_step(graphdef, tx, config.label_smoothing, damp, teacher_graphdef,
-                                       config.quant.distill_weight, config.quant.distill_temperature),
+                                       config.quant.distill_weight, config.quant.distill_temperature,
+                                       budget),
                        donate_argnums=(0,), out_shardings=(rep, rep))
   eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
 
@@ -196,6 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     for batch in data_lib.iterate(ds, start):
       state, metrics = train_step(state, parallel.shard_batch(batch, mesh), *teacher)
       step += 1
+      if step == round_step:
+        state = _round_dbits(config, graphdef, state, weights, budget_bits, rep)
       pending.append((step, metrics))
       do_eval = step % eval_every == 0 or step == total
       do_ckpt = step % ckpt_every == 0 or step == total
@@ -214,6 +248,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
         checkpointer.save(step, state, meta, best=is_best)
     if result is None:  # resumed at the end: evaluate what is there
       result = evaluate(eval_step, state.params, state.rest, data, config.eval_batch_size, mesh)
+    if dbits_method and jax.process_index() == 0:
+      m = nnx.merge(graphdef, state.params, state.rest)
+      bits = quant_model.bits_table(m, qtable, data.image_shape)
+      bits["_budgets"] = {"weight_bits": budget_bits}
+      bits["_totals"] = {"weight_bits": float(sum(weights[p] * bits[p]["w_bits"] for p in weights))}
+      bits["_totals"]["weight_bits_avg"] = bits["_totals"]["weight_bits"] / sum(weights.values())
+      bits["_allocation"] = {"method": "dbits", "round_step": round_step,
+                             "lagrange": float(state.extra["lagrange"])}
+      quant_model.write_bits(os.path.join(workdir, "bits.json"), bits)
   finally:
     checkpointer.wait()
     checkpointer.close()

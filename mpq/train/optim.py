@@ -35,6 +35,20 @@ def _decay_mask(params):
 
 
 def build(config, num_steps: int) -> optax.GradientTransformation:
+  """The optimizer; with `mixed.method=dbits` the continuous bitwidths get their own Adam."""
+  main = _build_main(config, num_steps)
+  if not (config.quant.enabled and config.mixed.enabled and config.mixed.method == "dbits"):
+    return main
+
+  def labels(params):
+    def label(path, _):
+      return "bits" if jax.tree_util.keystr(path).endswith("['bits'].value") else "main"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+  return optax.multi_transform({"main": main, "bits": optax.adam(config.mixed.dbits_lr)}, labels)
+
+
+def _build_main(config, num_steps: int) -> optax.GradientTransformation:
   lr = schedule(config, num_steps)
   chain = []
   if config.grad_clip_norm > 0:

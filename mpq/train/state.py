@@ -21,6 +21,7 @@ class TrainState(NamedTuple):
   params: nnx.State
   rest: nnx.State
   opt_state: Any
+  extra: Any = ()  # training-method state, e.g. {"lagrange": λ} for mixed.method=dbits
 
 
 def split_model(model: nnx.Module):
@@ -60,20 +61,23 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, label_smoothing: float = 0.0,
                     damp_weight=None, teacher_graphdef=None, distill_weight: float = 0.0,
-                    temperature: float = 1.0):
+                    temperature: float = 1.0, budget=None):
   """`train_step(state, batch[, teacher]) -> (state, metrics)`; jit it (the loop does).
 
   `damp_weight(step)`, when given, weighs the quantizers' oscillation-dampening term in the loss.
   With `teacher_graphdef`, the step takes the teacher's `(params, rest)` as a third argument and the
   loss is `(1 - a) CE + a KD` with `a = distill_weight` and KD the `distillation_loss` of the
   teacher's eval-mode logits (knowledge distillation from a float model).
+  `budget(model, extra, step) -> (penalty, new_extra, metrics)`, when given, adds a budget penalty
+  computed from the model (e.g. the Lagrangian size term of `mpq.allocate.dbits`).
   Metrics: `loss` (the cross-entropy), `accuracy`, `grad_norm` and, for quantized models, per layer
   `clip/...` (and `osc/...`, `frozen/...`, `damp` where enabled).
   """
   from mpq.quant.quantizer import dampening_loss, quant_metrics  # pylint: disable=g-import-not-at-top
 
-  def loss_fn(params, rest, batch, step, teacher):
+  def loss_fn(params, rest, batch, step, teacher, extra):
     model = nnx.merge(graphdef, params, rest, copy=True)
+    extra_state = extra
     logits = model(batch["image"], train=True)
     loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
     extra = quant_metrics(model)
@@ -86,12 +90,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, label_smoothing:
     if damp_weight is not None:
       extra["damp"] = dampening_loss(model)
       total = total + damp_weight(step) * extra["damp"]
+    new_extra = extra_state
+    if budget is not None:
+      penalty, new_extra, bm = budget(model, extra_state, step)
+      total = total + penalty
+      extra.update(bm)
     _, _, new_rest = split_model(model)
-    return total, (loss, logits, new_rest, extra)
+    return total, (loss, logits, new_rest, extra, new_extra)
 
   def train_step(state: TrainState, batch, teacher=None):
-    (_, (loss, logits, rest, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.rest, batch, state.step, teacher)
+    (_, (loss, logits, rest, extra, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.rest, batch, state.step, teacher, state.extra)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -100,7 +109,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, label_smoothing:
         "grad_norm": optax.global_norm(grads),
         **extra,
     }
-    return TrainState(state.step + 1, params, rest, opt_state), metrics
+    return TrainState(state.step + 1, params, rest, opt_state, new_extra), metrics
 
   return train_step
 
