@@ -29,12 +29,13 @@ demo: setup
 	$(PY) eval.py --workdir=$(DEMO_DIR) --ptq --w_bits=8 --a_bits=8 --json=$(DEMO_DIR)/eval_ptq_w8a8.json
 
 test: setup
-	@$(PY) -m pytest -x tests
+	@$(PY) -m pytest -x -n 2 --durations=12 tests
 
-# All benchmarks (about 45 minutes on 2 CPU cores), then the README tables from their JSON.
+# All benchmarks (about 90 minutes on 2 CPU cores), then the README tables from their JSON.
 bench: setup
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/mixed.py
 	$(PY) benchmarks/report.py
 
 clean:

@@ -32,7 +32,22 @@ def accuracy_table(r: dict) -> str:
   return "\n".join(lines)
 
 
-TABLES = {"accuracy": accuracy_table}
+def mixed_table(r: dict) -> str:
+  lines = [f"Model `{r['model']}` on {r['dataset']} (fp32 {r['fp32']:.2f}%); produced by "
+           f"`{r['command']}`. Budgets: the size of uniform b-bit weights with conv1 and head at 8.",
+           "", "| arm | budget | test accuracy (%) | avg weight bits |", "|---|---|---|---|"]
+  for row in r["rows"]:
+    lines.append(f"| {row['name']} | {row['budget_bits']}-bit | {row['accuracy']:.2f} | "
+                 f"{row['weight_bits_avg']:.3f} |")
+  lines += ["", "| budget | uniform | best ILP | gain | target | meets |", "|---|---|---|---|---|---|"]
+  for b, v in r["summary"].items():
+    lines.append(f"| {b} | {v['uniform']:.2f} | {v['best_ilp']:.2f} | {v['gain']:+.2f} | "
+                 f"{v['target']} | {'yes' if v['meets'] else '**no**'} |")
+  lines += ["", "![accuracy vs weight size](benchmarks/results/mixed_pareto.png)"]
+  return "\n".join(lines)
+
+
+TABLES = {"accuracy": accuracy_table, "mixed": mixed_table}
 
 
 def main():
