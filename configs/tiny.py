@@ -2,8 +2,8 @@
 
 Command:  python train.py --config=configs/tiny.py --workdir=/tmp/mpq_tiny
 Runtime:  about 11 s on 2 CPU cores (64 steps, much of it compilation).
-Result:   48.2% test accuracy on the first 1,000 test images (measured 2026-11-23; chance is 10%;
-          a smoke test, not a model).
+Result:   77.5% test accuracy on the first 1,000 test images (measured 2026-11-23 with the
+          max-pool CNN; chance is 10%; a smoke test, not a model).
 """
 
 from mpq.config import base_config

@@ -1,0 +1,8 @@
+"""Integer-only reference execution (pure jax.numpy / lax, int32 arithmetic)."""
+
+from mpq.intexec.fixedpoint import (multiply_by_quantized_multiplier, quantize_multiplier,
+                                    quantize_multipliers, rounding_divide_by_pot,
+                                    saturating_rounding_doubling_high_mul)
+
+__all__ = ["multiply_by_quantized_multiplier", "quantize_multiplier", "quantize_multipliers",
+           "rounding_divide_by_pot", "saturating_rounding_doubling_high_mul"]

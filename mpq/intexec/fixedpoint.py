@@ -1,0 +1,112 @@
+"""gemmlowp/TFLite fixed-point requantization with 32-bit integers only (Jacob et al. 2017).
+
+A real multiplier `M > 0` is stored as `M0 * 2^shift` with `M0` an int32 in Q0.31 (TFLite's
+`QuantizeMultiplier`). Applying it to an int32 accumulator `x` (TFLite's default, double-rounding
+`MultiplyByQuantizedMultiplier`):
+
+    left  = max(shift, 0), right = max(-shift, 0)
+    RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(x * 2^left, M0), right)
+
+SaturatingRoundingDoublingHighMul(a, b): INT32_MAX if a == b == INT32_MIN, else
+`(a*b + nudge) / 2^31` truncated toward zero, nudge = 2^30 if a*b >= 0 else 1 - 2^30.
+RoundingDivideByPOT(x, e): `(x >> e) + (remainder > threshold)`, remainder `x & (2^e - 1)`,
+threshold `(2^e - 1) >> 1` plus 1 for negative x (round half away from zero).
+
+The 64-bit product is formed from 16-bit halves in uint32 arithmetic, so everything runs with JAX's
+default 32-bit types (no `jax_enable_x64`) and is bit-exact with the int64 C reference (tested).
+`x * 2^left` wraps modulo 2^32 on overflow, as the C code does in practice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+def quantize_multiplier(m: float) -> tuple[int, int]:
+  """(M0, shift) with `m ~= M0 * 2^(shift - 31)`, TFLite's `QuantizeMultiplier` for `m >= 0`.
+
+  `q, shift = frexp(m)`; `M0 = round_half_away(q * 2^31)`; if `M0 == 2^31`: `M0 /= 2, shift += 1`;
+  if `shift < -31`: `(0, 0)`; if `shift > 30`: `(2^31 - 1, 30)` (saturated, as TFLite).
+  """
+  m = float(m)
+  if not math.isfinite(m) or m < 0:
+    raise ValueError(f"quantize_multiplier needs a finite multiplier >= 0, got {m}")
+  if m == 0.0:
+    return 0, 0
+  q, shift = math.frexp(m)
+  q_fixed = int(math.floor(abs(q) * 2 ** 31 + 0.5))  # round half away from zero (q > 0)
+  if q_fixed == 2 ** 31:
+    q_fixed //= 2
+    shift += 1
+  if shift < -31:
+    return 0, 0
+  if shift > 30:
+    return INT32_MAX, 30
+  return q_fixed, shift
+
+
+def _u32(x):
+  return jnp.asarray(x).astype(jnp.uint32)
+
+
+def saturating_rounding_doubling_high_mul(a, b):
+  """gemmlowp's SaturatingRoundingDoublingHighMul on int32 arrays (broadcasting)."""
+  a = jnp.asarray(a, jnp.int32)
+  b = jnp.asarray(b, jnp.int32)
+  neg = (a < 0) != (b < 0)
+  # |a|, |b| as uint32 (|INT32_MIN| = 2^31 fits); the int32 -> uint32 cast wraps, so negate there.
+  ua = jnp.where(a < 0, jnp.uint32(0) - _u32(a), _u32(a))
+  ub = jnp.where(b < 0, jnp.uint32(0) - _u32(b), _u32(b))
+  lo16 = jnp.uint32(0xFFFF)
+  a0, a1 = ua & lo16, ua >> 16
+  b0, b1 = ub & lo16, ub >> 16
+  p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+  mid = (p00 >> 16) + (p01 & lo16) + (p10 & lo16)
+  lo = (p00 & lo16) | (mid << 16)
+  hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
+  # M = |a*b| = hi:lo; result = sign * floor((M + c) / 2^31), c = 2^30 (a*b >= 0) or 2^30 - 1
+  nonzero = (ua != 0) & (ub != 0)
+  c = jnp.where(neg & nonzero, jnp.uint32(2 ** 30 - 1), jnp.uint32(2 ** 30))
+  lo2 = lo + c
+  hi2 = hi + (lo2 < lo).astype(jnp.uint32)
+  mag = (hi2 << 1) | (lo2 >> 31)  # < 2^31 except the saturating case
+  out = jnp.where(neg & nonzero, -(mag.astype(jnp.int32)), mag.astype(jnp.int32))
+  saturate = (a == INT32_MIN) & (b == INT32_MIN)
+  return jnp.where(saturate, jnp.int32(INT32_MAX), out)
+
+
+def rounding_divide_by_pot(x, exponent):
+  """gemmlowp's RoundingDivideByPOT: `x / 2^exponent` rounded half away from zero, 0 <= e <= 31."""
+  x = jnp.asarray(x, jnp.int32)
+  e = jnp.asarray(exponent, jnp.int32)
+  mask = jnp.left_shift(jnp.int32(1), e) - 1  # wraps to INT32_MAX at e = 31, as intended
+  remainder = x & mask
+  threshold = jnp.right_shift(mask, 1) + (x < 0).astype(jnp.int32)
+  return jnp.right_shift(x, e) + (remainder > threshold).astype(jnp.int32)
+
+
+def multiply_by_quantized_multiplier(x, multiplier, shift):
+  """TFLite's `MultiplyByQuantizedMultiplier(x, M0, shift)` on int32 arrays.
+
+  `multiplier` (int32 M0) and `shift` (in [-31, 30]) are scalars or arrays broadcasting against `x`
+  (e.g. per output channel on the last axis).
+  """
+  x = jnp.asarray(x, jnp.int32)
+  shift = jnp.asarray(shift, jnp.int32)
+  left = jnp.maximum(shift, 0)
+  right = jnp.maximum(-shift, 0)
+  return rounding_divide_by_pot(
+      saturating_rounding_doubling_high_mul(jnp.left_shift(x, left), multiplier), right)
+
+
+def quantize_multipliers(ms) -> tuple[np.ndarray, np.ndarray]:
+  """`quantize_multiplier` over an array: (M0 int32 array, shift int32 array)."""
+  pairs = [quantize_multiplier(m) for m in np.ravel(ms)]
+  shape = np.shape(ms)
+  return (np.asarray([p[0] for p in pairs], np.int32).reshape(shape),
+          np.asarray([p[1] for p in pairs], np.int32).reshape(shape))
