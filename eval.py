@@ -18,9 +18,12 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "Recent checkpoints or the best one.")
 flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
 flags.DEFINE_string("data_dir", None, "Override the dataset location stored in the checkpoint.")
-flags.DEFINE_enum("mode", "auto", ["auto", "float", "fake_quant"],
+flags.DEFINE_enum("mode", "auto", ["auto", "float", "fake_quant", "int"],
                   "auto: fake_quant for QAT checkpoints (and --ptq), float otherwise; float on a QAT "
-                  "checkpoint bypasses its quantizers.")
+                  "checkpoint bypasses its quantizers; int runs the exported integer model.")
+flags.DEFINE_string("export", None, "Export the (QAT) checkpoint as an integer model to this dir.")
+flags.DEFINE_string("model", None, "Evaluate an exported integer model dir (with --mode=int).")
+flags.DEFINE_bool("compare", False, "Print a layer-by-layer fake-quant vs integer comparison.")
 flags.DEFINE_bool("ptq", False, "Post-training quantization: calibrate a float checkpoint on training "
                   "batches and evaluate it fake-quantized.")
 flags.DEFINE_string("export_bits", None, "Write the checkpoint's per-layer bit assignment (JSON).")
@@ -42,6 +45,8 @@ def table(rows):
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
+  if FLAGS.model or FLAGS.export or FLAGS.mode == "int" or FLAGS.compare:
+    return _integer(FLAGS)
   if not FLAGS.workdir:
     raise UserError("--workdir is required: the directory of a training run")
   from mpq.train import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
@@ -65,6 +70,61 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
     with open(FLAGS.json, "w", encoding="utf-8") as f:
       json.dump(r, f, indent=2)
+
+
+def _integer(F):
+  """--export, --mode=int (from --workdir or --model) and --compare."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from mpq import data as data_lib, export  # pylint: disable=g-import-not-at-top
+  from mpq.export.evaluate import evaluate_int  # pylint: disable=g-import-not-at-top
+  from mpq.train.loop import load_model  # pylint: disable=g-import-not-at-top
+  if F.model and F.workdir:
+    raise UserError("pass --workdir (a checkpoint) or --model (an exported dir), not both")
+  fq_model, result = None, {}
+  if F.model:
+    if F.mode not in ("int", "auto") or F.export:
+      raise UserError("--model evaluates an exported integer model: use it with --mode=int only")
+    manifest, tensors = export.load(F.model)
+    src = manifest.get("source", {})
+    data = data_lib.load(src.get("dataset", "fashion_mnist"), F.data_dir or src.get("data_dir") or None,
+                         None, src.get("num_test_examples") or None)
+    model_dir = F.model
+  else:
+    if not F.workdir:
+      raise UserError("--workdir is required: the directory of a QAT training run")
+    overrides = {"data_dir": F.data_dir} if F.data_dir else None
+    fq_model, config, data, step = load_model(F.workdir, F.step, F.which, overrides)
+    if not config.quant.enabled:
+      raise UserError(f"{F.workdir} holds a float model; integer export needs a QAT checkpoint")
+    model_dir = F.export or tempfile.mkdtemp(prefix="mpq_int_")
+    export.export(fq_model, data.image_shape, model_dir,
+                  {"dataset": config.dataset, "data_dir": config.data_dir,
+                   "num_test_examples": config.num_test_examples, "model": config.model,
+                   "workdir": os.path.abspath(F.workdir), "step": step})
+    manifest, tensors = export.load(model_dir)
+    result["step"] = step
+    print(f"exported the integer model to {model_dir}")
+  if F.compare:
+    if fq_model is None:
+      raise UserError("--compare needs --workdir (the fake-quant model to compare against)")
+    from mpq.export.compare import compare  # pylint: disable=g-import-not-at-top
+    batch = next(iter(data_lib.eval_batches(data, 256)))
+    rows = compare(fq_model, manifest, tensors, batch["image"])
+    print(table([(r["layer"], f"max {r['max_lsb']:.0f} LSB, mean {r['mean_lsb']:.4f}, "
+                  f"{100 * r['mismatch']:.2f}% differ") for r in rows]))
+  if F.mode == "int" or F.model:
+    r = evaluate_int(manifest, tensors, data, fq_model=fq_model)
+    result.update(r, model=model_dir)
+    rows = [("model", model_dir), ("mode", "int"), ("examples", r["num_examples"]),
+            ("accuracy", f"{100 * r['accuracy']:.2f}%"), ("loss", f"{r['loss']:.4f}")]
+    if "agreement_with_fake_quant" in r:
+      rows += [("agreement", f"{100 * r['agreement_with_fake_quant']:.2f}%"),
+               ("max logit diff", f"{r['max_logit_lsb_diff']:.1f} LSB")]
+    print(table(rows))
+    if F.json:
+      os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
+      with open(F.json, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ unsigned activation quantizer from it.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,40 @@ def record_costs():
     yield table
   finally:
     _recorders.remove(table)
+
+
+_graphs: list[list] = []
+
+
+@contextlib.contextmanager
+def record_graph():
+  """Within the block, every layer call and every `relu`/`relu6` appends
+  `(kind, name, input arrays, output array)` to the yielded list, in call order (the exporter runs
+  the model once under `jax.eval_shape` to get its op graph; tensors are matched by identity)."""
+  ops: list = []
+  _graphs.append(ops)
+  try:
+    yield ops
+  finally:
+    _graphs.remove(ops)
+
+
+def note_op(kind: str, name: str, inputs, output) -> None:
+  for g in _graphs:
+    g.append((kind, name, tuple(inputs), output))
+
+
+def recorded(call):
+  """Decorates a layer's `__call__(self, *arrays, train)` so that `record_graph` sees it."""
+
+  @functools.wraps(call)
+  def wrapper(self, *args, **kwargs):
+    out = call(self, *args, **kwargs)
+    if _graphs:
+      note_op(self.kind, self.name, [a for a in args if hasattr(a, "shape")], out)
+    return out
+
+  return wrapper
 
 
 def note_cost(name: str, kernel_shape, x_shape, y_shape, params: int) -> None:
@@ -61,6 +96,7 @@ class Dense(Layer):
     self.name = name
     self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
 
+  @recorded
   def __call__(self, x, train: bool = False):
     x = x.reshape(x.shape[0], -1)  # [B, H, W, C] inputs are flattened row-major
     y = self.linear(x)
@@ -80,6 +116,7 @@ class ConvBN(Layer):
                          feature_group_count=groups, use_bias=False, kernel_init=_he, rngs=rngs)
     self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
+  @recorded
   def __call__(self, x, train: bool = False):
     y = self.conv(x)
     note_cost(self.name, self.conv.kernel.value.shape, x.shape, y.shape, self.conv.kernel.value.size)
@@ -93,6 +130,7 @@ class Add(Layer):
   def __init__(self, name: str):
     self.name = name
 
+  @recorded
   def __call__(self, a, b, train: bool = False):
     return a + b
 
@@ -104,6 +142,7 @@ class GlobalAvgPool(Layer):
   def __init__(self, name: str):
     self.name = name
 
+  @recorded
   def __call__(self, x, train: bool = False):
     return jnp.mean(x, axis=(1, 2))
 
@@ -120,6 +159,7 @@ class MaxPool(Layer):
     self.name = name
     self.window = window
 
+  @recorded
   def __call__(self, x, train: bool = False):
     w = self.window
     b, h, wd, c = x.shape
@@ -150,5 +190,13 @@ class FloatLayers:
     return MaxPool(name, window)
 
 
-relu = jax.nn.relu
-relu6 = jax.nn.relu6
+def relu(x):
+  y = jax.nn.relu(x)
+  note_op("relu", "relu", (x,), y)
+  return y
+
+
+def relu6(x):
+  y = jax.nn.relu6(x)
+  note_op("relu6", "relu6", (x,), y)
+  return y

@@ -6,3 +6,4 @@ from mpq.intexec.fixedpoint import (multiply_by_quantized_multiplier, quantize_m
 
 __all__ = ["multiply_by_quantized_multiplier", "quantize_multiplier", "quantize_multipliers",
            "rounding_divide_by_pot", "saturating_rounding_doubling_high_mul"]
+from mpq.intexec.executor import build, intermediates  # noqa: E402

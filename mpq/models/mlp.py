@@ -18,8 +18,7 @@ class MLP(nnx.Module):
       features = width
     self.head = layers.dense("head", features, num_classes, signed_input=depth == 0, rngs=rngs)
 
-  def __call__(self, x, train=False):
-    x = x.reshape(x.shape[0], -1)
+  def __call__(self, x, train=False):  # dense layers flatten their input
     for i in range(self.depth):
       x = relu(getattr(self, f"dense{i}")(x, train))
     return self.head(x, train)

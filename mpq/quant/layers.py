@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mpq import layers as float_layers
-from mpq.layers import Layer, note_cost
+from mpq.layers import Layer, note_cost, recorded
 from mpq.quant.quantizer import Quantizer
 
 _he = nnx.initializers.he_normal()
@@ -78,6 +78,7 @@ class QuantDense(Layer):
                          kernel_shape=(in_features, out_features))
     self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
 
+  @recorded
   def __call__(self, x, train: bool = False):
     x = self.aq(x.reshape(x.shape[0], -1), train)
     w = self.wq(self.linear.kernel.value, train)
@@ -117,6 +118,7 @@ class QuantConvBN(Layer):
         x, w, strides, "SAME", feature_group_count=c.feature_group_count,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
+  @recorded
   def __call__(self, x, train: bool = False):
     w_fold, b_fold, sigma = self.folded()
     xq = self.aq(x, train)
@@ -148,6 +150,7 @@ class QuantAdd(Layer):
     self.aq_a = _quantizer(name + "/a", "act", lq, opts, signed=True)
     self.aq_b = _quantizer(name + "/b", "act", lq, opts, signed=True)
 
+  @recorded
   def __call__(self, a, b, train: bool = False):
     return self.aq_a(a, train) + self.aq_b(b, train)
 

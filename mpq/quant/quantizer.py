@@ -34,6 +34,14 @@ from mpq.quant import estimators as est
 
 ESTIMATORS = ("none", "ste", "lsq", "lsq+", "tqt", "noise", "dbits")
 OBSERVERS: list = []  # calibration hooks (`mpq.quant.calibration.observing`), called eagerly
+TAPS: list = []  # comparison hooks: called with (quantizer, input, output); the forward is unchanged
+
+
+def _positive(v):
+  """Learned step sizes and ranges enter as `max(|v|, 1e-8)`: an optimizer step that carries one
+  across zero (Adam moves it by about the learning rate whatever its size) must not flip or empty
+  the grid."""
+  return jnp.maximum(jnp.abs(v), 1e-8)
 
 
 class QParam(nnx.Param):
@@ -113,6 +121,8 @@ class Quantizer(nnx.Module):
 
   def __call__(self, x, train: bool = False):
     y = self._forward(x, train)
+    for fn in TAPS:
+      fn(self, x, y)
     if self.role != "weight" or self.estimator == "none" or self.bypass or OBSERVERS:
       return y
     if train:
@@ -135,7 +145,7 @@ class Quantizer(nnx.Module):
       return est.tqt_scale(self.log2_t.value, bits, True), n, p
     if e in ("lsq", "lsq+", "noise"):
       n, p = core.qrange(bits, True)
-      return jax.lax.stop_gradient(self.step_size.value), n, p
+      return jax.lax.stop_gradient(_positive(self.step_size.value)), n, p
     return None
 
   def _weight_bookkeeping(self, w, y):
@@ -193,7 +203,7 @@ class Quantizer(nnx.Module):
         bits = jnp.where(self.fixed_bits.value > 0, self.fixed_bits.value, bits)
       n_, p = core.qrange(jnp.floor(jnp.clip(bits, 2, 16)), self.signed, narrow=self.signed)
       g = est.lsq_grad_scale(self._per_scale(x), p)
-      return est.dbits(x, self.amax.value, bits, self.signed, g)
+      return est.dbits(x, _positive(self.amax.value), bits, self.signed, g)
     bits = self.bits.value
     if e == "ste":
       return self._ste(x, bits, train)
@@ -203,7 +213,7 @@ class Quantizer(nnx.Module):
     g = est.lsq_grad_scale(self._per_scale(x), p)
     if e == "noise":
       g = g * jnp.exp(self.grad_log_scale.value)
-    s = est.scale_grad(self.step_size.value, g)
+    s = est.scale_grad(_positive(self.step_size.value), g)
     if e == "lsq+" and hasattr(self, "offset"):
       return est.lsq_plus(x, s, self.offset.value, n, p)
     y = est.lsq(x, s, n, p)
@@ -244,10 +254,10 @@ class Quantizer(nnx.Module):
       return est.tqt_scale(self.log2_t.value, bits, self.signed), jnp.zeros(()), bits, self.signed
     if e == "dbits":
       _, p = core.qrange(bits, self.signed, narrow=self.signed)
-      return self.amax.value / p, jnp.zeros(()), bits, self.signed
+      return _positive(self.amax.value) / p, jnp.zeros(()), bits, self.signed
     if e == "lsq+" and hasattr(self, "offset"):
       raise ValueError("lsq+ offsets are not integer zero points; export needs lsq, ste, tqt or dbits")
-    return self.step_size.value, jnp.zeros(()), bits, self.signed
+    return _positive(self.step_size.value), jnp.zeros(()), bits, self.signed
 
   def set_range(self, amax, lo=None) -> None:
     """Initialises the quantizer from a calibrated range (`amax`, per channel for weights).

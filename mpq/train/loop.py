@@ -365,3 +365,22 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
                                          data.image_shape)
   return out
 
+
+
+def load_model(workdir: str, step: int | None = None, which: str = "latest",
+               overrides: dict | None = None):
+  """(model in eval form, config, dataset, step) restored from a checkpoint of `workdir`."""
+  if not os.path.isdir(workdir):
+    raise UserError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
+  directory = os.path.join(workdir, ckpt_lib.LATEST if which == "latest" else ckpt_lib.BEST)
+  _, meta = ckpt_lib.restore(directory, step, None)
+  config = config_lib.from_dict(meta["config"])
+  for k, v in (overrides or {}).items():
+    config[k] = v
+  data = load_data(config)
+  model, _ = build_model(config, data)
+  graphdef, state = init_state(model, optim.build(config, 1))
+  if config.mixed.enabled and config.mixed.method == "dbits":
+    state = state._replace(extra={"lagrange": jnp.zeros((), jnp.float32)})
+  state, meta = ckpt_lib.restore(directory, meta["step"], state)
+  return nnx.merge(graphdef, state.params, state.rest), config, data, int(meta["step"])

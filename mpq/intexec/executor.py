@@ -1,0 +1,80 @@
+"""The int32 reference executor for `mpq-int` models (pure jax.numpy / lax, jittable).
+
+`build(manifest, tensors)` returns `(run, core)`: `run(images) -> logits` quantizes the float input,
+executes the integer ops and dequantizes the final accumulator; `core(q_input) -> int32 accumulator`
+is the integer part alone (every op on int32, products accumulated in int32 through
+`preferred_element_type`), which a test inspects for floating-point ops.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpq.intexec.fixedpoint import multiply_by_quantized_multiplier
+
+
+def _max_pool(x, w):
+  b, h, wd, c = x.shape
+  h, wd = h // w, wd // w
+  return x[:, :h * w, :wd * w].reshape(b, h, w, wd, w, c).max(axis=(2, 4))
+
+
+def _integer_op(op, env, t):
+  kind = op["op"]
+  x = env[op["input"]]
+  if kind == "conv2d":
+    xi = x - jnp.int32(op["input_zero_point"])
+    acc = jax.lax.conv_general_dilated(
+        xi, jnp.asarray(t[op["weight"]], jnp.int32), tuple(op["stride"]), op["padding"],
+        feature_group_count=op["groups"], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.int32)
+    return acc + jnp.asarray(t[op["bias"]], jnp.int32)
+  if kind == "dense":
+    xi = x.reshape(x.shape[0], -1) - jnp.int32(op["input_zero_point"])
+    acc = jax.lax.dot_general(xi, jnp.asarray(t[op["weight"]], jnp.int32), (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    return acc + jnp.asarray(t[op["bias"]], jnp.int32)
+  if kind == "requantize":
+    y = multiply_by_quantized_multiplier(x, jnp.asarray(t[op["multiplier"]], jnp.int32),
+                                         jnp.asarray(t[op["shift"]], jnp.int32))
+    lo, hi = op["clamp"]
+    return jnp.clip(y + jnp.int32(op["zero_point"]), jnp.int32(lo), jnp.int32(hi))
+  if kind == "max_pool":
+    return _max_pool(x, op["window"])
+  raise ValueError(f"op {op['name']!r}: {kind!r} is not an integer op")
+
+
+def build(manifest: dict, tensors: dict):
+  ops = manifest["ops"]
+  first, last = ops[0], ops[-1]
+  assert first["op"] == "quantize" and last["op"] == "dequantize", "malformed manifest"
+  middle = ops[1:-1]
+
+  def core(q_in):
+    env = {first["output"]: q_in}
+    for op in middle:
+      env[op["output"]] = _integer_op(op, env, tensors)
+    return env[last["input"]]
+
+  def quantize(images):
+    x = jnp.round(jnp.asarray(images, jnp.float32) / first["scale"]) + first["zero_point"]
+    return jnp.clip(x, first["qmin"], first["qmax"]).astype(jnp.int32)
+
+  scale = jnp.asarray(np.asarray(last["scale"], np.float32))
+
+  def run(images):
+    return core(quantize(images)).astype(jnp.float32) * scale
+
+  return jax.jit(run), core, quantize
+
+
+def intermediates(manifest: dict, tensors: dict, images) -> dict:
+  """Every integer tensor of one forward pass, by tensor name (for layer-by-layer comparison)."""
+  ops = manifest["ops"]
+  _, _, quantize = build(manifest, tensors)
+  env = {ops[0]["output"]: quantize(images)}
+  for op in ops[1:-1]:
+    env[op["output"]] = _integer_op(op, env, tensors)
+  return env

@@ -1,0 +1,118 @@
+"""Integer export: packing, manifest validation, the integer-only core, a tiny export vs fake quant."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from mpq import export, intexec
+from mpq.export import ExportError
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 12])
+def test_pack_round_trip(bits):
+  rs = np.random.RandomState(bits)
+  lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+  for shape in [(3, 3, 5, 7), (13,), (1,)]:
+    v = rs.randint(lo, hi + 1, size=shape)
+    v.ravel()[0], v.ravel()[-1] = lo, hi
+    stored = export.pack(v, bits)
+    if bits <= 4:  # packed: 4 (2-bit) or 2 (3-, 4-bit) values per byte
+      per = 4 if bits <= 2 else 2
+      assert stored.dtype == np.uint8 and stored.size == -(-v.size // per)
+    np.testing.assert_array_equal(export.unpack(stored, bits, shape), v)
+
+
+def test_pack_layout_is_documented_order():
+  # 4-bit: element 0 in the low nibble; -1 is 0xF in two's complement
+  np.testing.assert_array_equal(export.pack(np.asarray([1, -1, 7, -8]), 4), [0xF1, 0x87])
+  # 2-bit: element i at bits 2i..2i+1
+  np.testing.assert_array_equal(export.pack(np.asarray([1, -2, 0, -1]), 2), [0b11001001])
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+  from configs import tiny
+  from mpq.train import train_and_evaluate
+  base = tmp_path_factory.mktemp("exp")
+  c = tiny.get_config()
+  train_and_evaluate(c, str(base / "float"), progress=False)
+  c.quant.enabled, c.quant.w_bits, c.quant.a_bits = True, 8, 8
+  c.init_from, c.num_train_steps = str(base / "float"), 16
+  train_and_evaluate(c, str(base / "qat"), progress=False)
+  out = run_cli("eval.py", f"--workdir={base / 'qat'}", "--mode=int", f"--export={base / 'int'}",
+                f"--json={base / 'int.json'}", "--compare")
+  assert out.returncode == 0, out.stderr
+  return base, out.stdout
+
+
+def test_tiny_export_agrees_with_fake_quant(tiny_export):
+  base, stdout = tiny_export
+  r = json.load(open(base / "int.json"))
+  assert r["mode"] == "int" and r["num_examples"] == 1000
+  assert r["agreement_with_fake_quant"] >= 0.99
+  fq = run_cli("eval.py", f"--workdir={base / 'qat'}", f"--json={base / 'fq.json'}")
+  assert fq.returncode == 0, fq.stderr
+  assert abs(json.load(open(base / "fq.json"))["accuracy"] - r["accuracy"]) <= 0.01
+  assert "conv1" in stdout and "LSB" in stdout  # the layer-by-layer table
+  # the exported dir alone evaluates to the same accuracy (no checkpoint involved)
+  out = run_cli("eval.py", f"--model={base / 'int'}", "--mode=int", f"--json={base / 'm.json'}")
+  assert out.returncode == 0, out.stderr
+  assert json.load(open(base / "m.json"))["accuracy"] == pytest.approx(r["accuracy"])
+
+
+def test_integer_core_has_no_float_ops(tiny_export):
+  base, _ = tiny_export
+  manifest, tensors = export.load(str(base / "int"))
+  _, core, _ = intexec.build(manifest, tensors)
+  shape = manifest["input"]["shape"]
+  jaxpr = jax.make_jaxpr(core)(jnp.zeros((2, *shape), jnp.int32))
+
+  def dtypes(jx):
+    for eqn in jx.eqns:
+      for v in eqn.outvars:
+        yield str(v.aval.dtype)
+      for p in eqn.params.values():
+        if hasattr(p, "jaxpr"):
+          yield from dtypes(p.jaxpr)
+
+  found = set(dtypes(jaxpr.jaxpr))
+  assert found and not any(d.startswith(("float", "bfloat", "complex")) for d in found), found
+  assert {"int32"} <= found
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.update(version=99), "version 99 is not 'mpq-int' version 1"),
+    (lambda m: m["ops"][1].update(op="conv3d"), "field 'op' must be one of"),
+    (lambda m: m["ops"][1].update(w_bits=1), "field 'w_bits' must be an integer from 2 to 16"),
+    (lambda m: m["ops"][1].update(weight="nope"), "field 'weight' names no tensor"),
+    (lambda m: next(o for o in m["ops"] if o["op"] == "requantize").update(clamp=[5, 1]),
+     "field 'clamp' must be [lo, hi]"),
+])
+def test_manifest_validation_errors(tiny_export, tmp_path, edit, message):
+  base, _ = tiny_export
+  d = tmp_path / "m"
+  shutil.copytree(base / "int", d)
+  m = json.load(open(d / "manifest.json"))
+  edit(m)
+  json.dump(m, open(d / "manifest.json", "w"))
+  with pytest.raises(ExportError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    export.load(str(d))
+  out = run_cli("eval.py", f"--model={d}", "--mode=int")
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_export_refuses_float_checkpoints(tmp_path):
+  from configs import tiny
+  from mpq.train import train_and_evaluate
+  c = tiny.get_config()
+  c.num_train_steps = 2
+  train_and_evaluate(c, str(tmp_path / "f"), progress=False)
+  out = run_cli("eval.py", f"--workdir={tmp_path / 'f'}", "--mode=int")
+  assert out.returncode == 2 and "holds a float model" in out.stderr
