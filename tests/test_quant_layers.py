@@ -238,3 +238,11 @@ def test_weight_decay_skips_quantizer_parameters():
   assert flat["['conv2']['conv']['kernel'].value"] > 0  # decayed
   assert flat["['conv2']['wq']['step_size'].value"] == 0  # per-channel step sizes are not
   assert flat["['conv2']['aq']['step_size'].value"] == 0
+
+
+def test_non_finite_added_loss_terms_stop_the_run():
+  from mpq.train.loop import _first_non_finite
+  ok = {"loss": 0.5, "damp": 3.0}
+  assert _first_non_finite([(1, ok), (2, ok)]) is None
+  assert _first_non_finite([(1, ok), (2, {"loss": 0.5, "damp": float("nan")})])[:2] == (2, "damp")
+  assert _first_non_finite([(3, {"loss": float("inf")})])[:2] == (3, "loss")

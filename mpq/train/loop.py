@@ -137,9 +137,12 @@ def evaluate(eval_step, params, rest, data, batch_size: int, mesh) -> dict[str, 
 
 
 def _first_non_finite(pending):
+  """(step, name, value) of the first non-finite loss term: the task loss or any term added to it
+  (oscillation dampening, distillation, the dbits budget ratio)."""
   for step, m in pending:
-    if not np.isfinite(m["loss"]):
-      return step, float(m["loss"])
+    for name in ("loss", "damp", "distill", "size_ratio"):
+      if name in m and not np.isfinite(m[name]):
+        return step, name, float(m[name])
   return None
 
 
@@ -270,10 +273,11 @@ def _flush(pending, writer, workdir, checkpointer):
   fetched = jax.device_get(pending)
   bad = _first_non_finite(fetched)
   if bad is not None:
-    step, value = bad
+    step, name, value = bad
     last = checkpointer.latest_step()
     kept = f"the last good checkpoint (step {last}) is kept" if last else "no checkpoint was saved"
-    raise NonFiniteLossError(f"loss became {value} at step {step}; {kept} in {workdir}; "
+    what = "loss" if name == "loss" else f"the {name!r} loss term"
+    raise NonFiniteLossError(f"{what} became {value} at step {step}; {kept} in {workdir}; "
                              "lower --config.learning_rate or set --config.grad_clip_norm")
   step = fetched[-1][0]
   mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
