@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 data: $(STAMP)
 	@$(PY) -m mpq.data.install --quiet
 
-# The float CNN on a short schedule (5 epochs, no augmentation: about 6 minutes on 2 cores), its
+# The float CNN on a short schedule (5 epochs, no augmentation: about 5 minutes on 2 cores), its
 # evaluation, then post-training W8A8 quantization of the checkpoint (calibrate + evaluate).
 demo: setup
 	$(PY) train.py --config=configs/fmnist_cnn.py --workdir=$(DEMO_DIR) \

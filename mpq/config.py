@@ -196,8 +196,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   qc = config.quant
   from mpq.quant import calibration as calib  # pylint: disable=g-import-not-at-top
   from mpq.quant import rules  # pylint: disable=g-import-not-at-top
-  rules._check("config.quant", {"w_bits": qc.w_bits, "a_bits": qc.a_bits,  # pylint: disable=protected-access
-                                "estimator": qc.estimator})
+  rules.check_values("config.quant", {"w_bits": qc.w_bits, "a_bits": qc.a_bits,
+                                      "estimator": qc.estimator})
   check(qc.calib_act in calib.ACT_METHODS,
         f"config.quant.calib_act={qc.calib_act!r} is unknown; use one of {calib.ACT_METHODS}")
   check(qc.calib_weight in calib.WEIGHT_METHODS,

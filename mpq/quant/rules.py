@@ -25,7 +25,8 @@ QUANTIZABLE = ("dense", "conv_bn", "add")
 KEYS = ("w_bits", "a_bits", "estimator")
 
 
-def _check(where: str, values: Mapping) -> None:
+def check_values(where: str, values: Mapping) -> None:
+  """Raises UserError unless `values` holds only valid rule keys (w_bits, a_bits, estimator)."""
   for k, v in values.items():
     if k not in KEYS:
       raise UserError(f"{where}: unknown key {k!r}; rules may set {KEYS}")
@@ -38,7 +39,7 @@ def _check(where: str, values: Mapping) -> None:
 
 def resolve(layer_kinds: Mapping[str, str], rules: Iterable, defaults: Mapping) -> dict[str, LayerQuant]:
   """`{path: LayerQuant}` for every quantizable layer in `layer_kinds` (`{path: kind}`)."""
-  _check("quant defaults", defaults)
+  check_values("quant defaults", defaults)
   paths = [p for p, kind in layer_kinds.items() if kind in QUANTIZABLE]
   compiled = []
   for i, rule in enumerate(rules or ()):
@@ -51,7 +52,7 @@ def resolve(layer_kinds: Mapping[str, str], rules: Iterable, defaults: Mapping) 
       pattern = re.compile(rule[0])
     except re.error as e:
       raise UserError(f"{where}: bad regex {rule[0]!r} ({e})") from None
-    _check(where, rule[1])
+    check_values(where, rule[1])
     compiled.append((pattern, dict(rule[1])))
   table, used = {}, [False] * len(compiled)
   for path in paths:
