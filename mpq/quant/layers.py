@@ -13,11 +13,12 @@ Quantized forms (what the integer exporter reproduces):
                   output), then BatchNorm with batch statistics of y_raw, updating the EMA; this is
                   Jacob et al.'s correction `sigma_ema / sigma_batch` applied with one convolution.
                 Evaluation is therefore exactly "integer conv with the folded weight + folded bias".
-  QuantAdd      `y = Q_a(a) + Q_b(b)`: both inputs on their own signed grids, summed; the exporter
-                rescales both to the output grid of the next quantizer.
-  pooling       float layers: max pooling commutes with the monotone quantizer that follows it;
-                global average pooling is exported as an integer sum and a rescale into the next
-                layer's input grid (whose quantizer is the one that rounds).
+  QuantAdd      `y = Q_a(a) + Q_b(b)`: both inputs on their own signed grids, summed; in integer
+                form each input is rescaled to the next quantizer's grid and added (not lowered by
+                the exporter yet).
+  pooling       float layers: max pooling commutes with the monotone quantizer that follows it
+                (exported on the integers); global average pooling is an integer sum rescaled
+                into the next layer's input grid, whose quantizer rounds (not lowered yet).
 """
 
 from __future__ import annotations
