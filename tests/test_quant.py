@@ -259,7 +259,7 @@ def test_dampening_term_closed_form():
   q = _osc_quantizer(dampen=True)
   w = jnp.asarray([[0.33, 2.0]], jnp.float32)  # the second weight is clipped at 0.7
   q(w, train=True)
-  expected = (0.3 - 0.33) ** 2 + (0.7 - 0.7) ** 2
+  expected = (((0.3 - 0.33) / 0.1) ** 2 + ((0.7 - 0.7) / 0.1) ** 2) / 2  # mean, in LSB^2
   assert float(q.damp.value) == pytest.approx(expected, rel=1e-4)
   assert float(q.clip_frac.value) == 0.5
 
