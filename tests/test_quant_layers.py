@@ -246,3 +246,4 @@ def test_non_finite_added_loss_terms_stop_the_run():
   assert _first_non_finite([(1, ok), (2, ok)]) is None
   assert _first_non_finite([(1, ok), (2, {"loss": 0.5, "damp": float("nan")})])[:2] == (2, "damp")
   assert _first_non_finite([(3, {"loss": float("inf")})])[:2] == (3, "loss")
+  assert _first_non_finite([(4, {"loss": 1.5, "grad_norm": float("nan")})])[:2] == (4, "grad_norm")

@@ -137,10 +137,10 @@ def evaluate(eval_step, params, rest, data, batch_size: int, mesh) -> dict[str, 
 
 
 def _first_non_finite(pending):
-  """(step, name, value) of the first non-finite loss term: the task loss or any term added to it
-  (oscillation dampening, distillation, the dbits budget ratio)."""
+  """(step, name, value) of the first non-finite loss term: the task loss, the gradient norm, or any
+  term added to the loss (oscillation dampening, distillation, the dbits budget ratio)."""
   for step, m in pending:
-    for name in ("loss", "damp", "distill", "size_ratio"):
+    for name in ("loss", "grad_norm", "damp", "distill", "size_ratio"):
       if name in m and not np.isfinite(m[name]):
         return step, name, float(m[name])
   return None
@@ -276,7 +276,7 @@ def _flush(pending, writer, workdir, checkpointer):
     step, name, value = bad
     last = checkpointer.latest_step()
     kept = f"the last good checkpoint (step {last}) is kept" if last else "no checkpoint was saved"
-    what = "loss" if name == "loss" else f"the {name!r} loss term"
+    what = {"loss": "loss", "grad_norm": "the gradient norm"}.get(name, f"the {name!r} loss term")
     raise NonFiniteLossError(f"{what} became {value} at step {step}; {kept} in {workdir}; "
                              "lower --config.learning_rate or set --config.grad_clip_norm")
   step = fetched[-1][0]
