@@ -300,3 +300,6 @@ def test_tiny_dbits_run_rounds_to_a_feasible_assignment(float_tiny, tmp_path):
   ratio = [r_["size_ratio"] for r_ in rows if "size_ratio" in r_]
   assert ratio[0] > 1.0 and lam[-1] > 0.0  # the budget was violated at 6 bits, so lambda rose
   assert ratio[-1] <= 1.0 + 1e-6  # after rounding the size meets the budget
+  out = run_cli("eval.py", f"--workdir={wd}", f"--json={tmp_path / 'e.json'}")  # restores lambda too
+  assert out.returncode == 0, out.stderr
+  assert json.load(open(tmp_path / "e.json"))["accuracy"] == pytest.approx(r["accuracy"])

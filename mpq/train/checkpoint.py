@@ -98,18 +98,29 @@ def steps(directory: str) -> list[int]:
     mngr.close()
 
 
-def restore(directory: str, step: int | None, like) -> tuple[Any, dict]:
-  """Restores (state shaped like `like`, meta) from `directory`, step `step` (None = latest).
-
-  With `like=None` only the metadata is read (the state is returned as None).
-  """
+def _pick(directory: str, step: int | None) -> tuple[int, str]:
+  """(the step to restore, "checkpoint DIR/STEP") or a CheckpointError naming what exists."""
   available = steps(directory)
   if not available:
     raise CheckpointError(f"no checkpoint in {directory}; train first (train.py --workdir=...)")
   step = max(available) if step is None else step
   if step not in available:
     raise CheckpointError(f"no checkpoint for step {step} in {directory}; available: {available}")
-  where = f"checkpoint {os.path.join(directory, str(step))}"
+  return step, f"checkpoint {os.path.join(directory, str(step))}"
+
+
+def _corrupt(where: str, e: Exception) -> CheckpointError:
+  msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+  return CheckpointError(f"{where} is unreadable or corrupt ({type(e).__name__}: {msg[:200]}); "
+                         "delete that step directory to fall back to an earlier one")
+
+
+def restore(directory: str, step: int | None, like) -> tuple[Any, dict]:
+  """Restores (state shaped like `like`, meta) from `directory`, step `step` (None = latest).
+
+  With `like=None` only the metadata is read (the state is returned as None).
+  """
+  step, where = _pick(directory, step)
   mngr = _manager(directory, 1, read_only=True)
   try:
     if like is None:
@@ -128,9 +139,7 @@ def restore(directory: str, step: int | None, like) -> tuple[Any, dict]:
   except CheckpointError:
     raise
   except Exception as e:  # orbax/tensorstore raise many types for damaged files.
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise CheckpointError(f"{where} is unreadable or corrupt ({type(e).__name__}: {msg[:200]}); "
-                          "delete that step directory to fall back to an earlier one") from None
+    raise _corrupt(where, e) from None
   finally:
     mngr.close()
 
@@ -142,21 +151,13 @@ def restore_subset(directory: str, step: int | None, like: dict) -> tuple[dict, 
   float checkpoint fits its quantized model, not the reverse); entries of `like` the checkpoint
   lacks keep their values. Returns (filled `like`, meta).
   """
-  available = steps(directory)
-  if not available:
-    raise CheckpointError(f"no checkpoint in {directory}; train first (train.py --workdir=...)")
-  step = max(available) if step is None else step
-  if step not in available:
-    raise CheckpointError(f"no checkpoint for step {step} in {directory}; available: {available}")
-  where = f"checkpoint {os.path.join(directory, str(step))}"
+  step, where = _pick(directory, step)
   mngr = _manager(directory, 1, read_only=True)
   try:
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                      meta=ocp.args.JsonRestore()))
   except Exception as e:  # orbax/tensorstore raise many types for damaged files.
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise CheckpointError(f"{where} is unreadable or corrupt ({type(e).__name__}: {msg[:200]}); "
-                          "delete that step directory to fall back to an earlier one") from None
+    raise _corrupt(where, e) from None
   finally:
     mngr.close()
   raw = {k: v for k, v in out["state"].items() if k.startswith(("params.", "rest."))}

@@ -161,9 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
   model, qtable = build_model(config, data)
   tx = optim.build(config, total)
   graphdef, state = init_state(model, tx)
+  state = _with_method_state(config, state)
   dbits_method = config.mixed.enabled and config.mixed.method == "dbits"
-  if dbits_method:
-    state = state._replace(extra={"lagrange": jnp.zeros((), jnp.float32)})
 
   latest = ckpt_lib.steps(os.path.join(workdir, ckpt_lib.LATEST))
   allocation = None
@@ -324,14 +323,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   `config.quant` overrides (e.g. `{"w_bits": 8, "a_bits": 8, "calib_act": "mse"}`) or True.
   """
   parallel.maybe_initialize_distributed()
-  if not os.path.isdir(workdir):
-    raise UserError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
-  directory = os.path.join(workdir, ckpt_lib.LATEST if which == "latest" else ckpt_lib.BEST)
-  _, meta = ckpt_lib.restore(directory, step, None)
-  config = config_lib.from_dict(meta["config"])
-  for k, v in (overrides or {}).items():
-    config[k] = v
-  data = load_data(config)
+  directory, meta, config, data = _checkpoint_config(workdir, step, which, overrides)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   if mode not in ("auto", "float", "fake_quant"):
@@ -350,7 +342,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
       config.quant[k] = v
     config_lib.validate(config)
   model, qtable = build_model(config, data, bypass=mode == "float" and config.quant.enabled)
-  graphdef, state = init_state(model, optim.build(config, 1))
+  graphdef, state = _eval_state(config, model)
   if ptq:
     restored, meta = ckpt_lib.restore_subset(directory, ckpt_step, {"params": state.params,
                                                                      "rest": state.rest})
@@ -374,6 +366,15 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
 def load_model(workdir: str, step: int | None = None, which: str = "latest",
                overrides: dict | None = None):
   """(model in eval form, config, dataset, step) restored from a checkpoint of `workdir`."""
+  directory, meta, config, data = _checkpoint_config(workdir, step, which, overrides)
+  model, _ = build_model(config, data)
+  graphdef, state = _eval_state(config, model)
+  state, meta = ckpt_lib.restore(directory, meta["step"], state)
+  return nnx.merge(graphdef, state.params, state.rest), config, data, int(meta["step"])
+
+
+def _checkpoint_config(workdir: str, step: int | None, which: str, overrides: dict | None):
+  """(checkpoint directory, meta, config with `overrides`, dataset) of a workdir's checkpoint."""
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
   directory = os.path.join(workdir, ckpt_lib.LATEST if which == "latest" else ckpt_lib.BEST)
@@ -381,10 +382,16 @@ def load_model(workdir: str, step: int | None = None, which: str = "latest",
   config = config_lib.from_dict(meta["config"])
   for k, v in (overrides or {}).items():
     config[k] = v
-  data = load_data(config)
-  model, _ = build_model(config, data)
-  graphdef, state = init_state(model, optim.build(config, 1))
+  return directory, meta, config, load_data(config)
+
+
+def _with_method_state(config, state: TrainState) -> TrainState:
+  """The training-method state a checkpoint of this config holds (mixed.method=dbits: lambda)."""
   if config.mixed.enabled and config.mixed.method == "dbits":
-    state = state._replace(extra={"lagrange": jnp.zeros((), jnp.float32)})
-  state, meta = ckpt_lib.restore(directory, meta["step"], state)
-  return nnx.merge(graphdef, state.params, state.rest), config, data, int(meta["step"])
+    return state._replace(extra={"lagrange": jnp.zeros((), jnp.float32)})
+  return state
+
+
+def _eval_state(config, model):
+  graphdef, state = init_state(model, optim.build(config, 1))
+  return graphdef, _with_method_state(config, state)
