@@ -117,15 +117,20 @@ def table(rows) -> str:
   return "\n".join(lines)
 
 
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+  """The recipe flags `float_config` and `qat_config` read (shared with benchmarks/mixed.py)."""
+  p.add_argument("--float_epochs", type=float, default=5)
+  p.add_argument("--qat_epochs", type=float, default=2)
+  p.add_argument("--qat_lr", type=float, default=5e-4)
+  p.add_argument("--seed", type=int, default=0)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "bench_accuracy"))
   p.add_argument("--rows", default=",".join(ROWS),
                  help="comma-separated subset of " + ",".join(ROWS + ABLATIONS))
-  p.add_argument("--float_epochs", type=float, default=5)
-  p.add_argument("--qat_epochs", type=float, default=2)
-  p.add_argument("--qat_lr", type=float, default=5e-4)
-  p.add_argument("--seed", type=int, default=0)
+  add_recipe_args(p)
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accuracy.json"))
   args = p.parse_args()
   names = [n for n in args.rows.split(",") if n]

@@ -55,7 +55,7 @@ def allowed_mask(paths, choices, mc) -> np.ndarray:
   return allowed
 
 
-def budgets_of(mc, tables, layers) -> dict[str, float]:
+def budgets_of(mc, layers) -> dict[str, float]:
   out = {}
   if mc.weight_bits_avg:
     out["weight_bits"] = float(mc.weight_bits_avg) * sum(l["weights"] for l in layers.values())
@@ -66,7 +66,6 @@ def budgets_of(mc, tables, layers) -> dict[str, float]:
   if not out and not mc.activation_bits_max:
     raise UserError("mixed.enabled=True needs a budget: set mixed.weight_bits_avg, "
                     "mixed.bops_ratio, mixed.activation_bits_max or mixed.latency_budget")
-  del tables
   return out
 
 
@@ -136,13 +135,13 @@ def allocate(config, data) -> dict:
     raise UserError("mixed.method=ilp needs a float checkpoint: set --config.init_from=FLOAT_WORKDIR")
   fm = models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
                     **config.model_kwargs.to_dict())
-  layers = {p: v for p, v in models.layer_costs(fm, data.image_shape).items()}
+  layers = models.layer_costs(fm, data.image_shape)
   paths = list(layers)
   choices = choices_of(mc)
   allowed = allowed_mask(paths, choices, mc)
   latency = cost_lib.load_latency(mc.latency_table) if mc.latency_table else None
   tables = cost_lib.cost_tables(layers, choices, latency)
-  budgets = budgets_of(mc, tables, layers)
+  budgets = budgets_of(mc, layers)
   solver = solve_ilp if mc.solver == "ilp" else solve_greedy
   try:  # feasibility first, before the (slow) sensitivities
     solver(np.zeros((len(paths), len(choices))), {k: tables[k] for k in budgets}, budgets,
