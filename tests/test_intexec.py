@@ -117,6 +117,42 @@ def test_quantize_multiplier_rejects_bad_values():
       intexec.quantize_multiplier(bad)
 
 
+def test_double_rounding_example_and_single_rounding_multiplier():
+  # x m = 4117 * 6.0716e-4 = 2.49968: TFLite's normalised multiplier (shift -11) rounds it to a
+  # multiple of 2^-11 first (2.5) and then to 3; the single-rounding form gives round(x m) = 2.
+  m, x = 6.0716e-4, 4117
+  m0, shift = intexec.quantize_multiplier(m)
+  assert shift == -10 and ref_mbqm(x, m0, shift) == 3
+  m1, s1 = intexec.requant_multiplier(m, out_max=16)
+  assert (m1, s1) == (int(math.floor(m * 2 ** 31 + 0.5)), 0) and ref_mbqm(x, m1, s1) == 2
+
+
+@pytest.mark.parametrize("m,out_max", [(6.07e-4, 16), (3.3e-3, 4), (1.2e-5, 256), (2e-8, 256),
+                                       (0.3, 256), (0.7, 16), (3.5, 16)])
+def test_requant_multiplier_error_bound(m, out_max):
+  """Brute force over every accumulator with |x m| <= out_max: wrong roundings (against
+  floor(x m + 1/2) in exact arithmetic) occur only within the documented bound of a tie, and never
+  more often than with TFLite's normalised multiplier."""
+  from fractions import Fraction
+  mf = Fraction(m)
+  xmax = min(int(out_max / m), I32_MAX)
+  xs = np.unique(np.linspace(-xmax, xmax, 20001).astype(np.int64))
+  m1, s1 = intexec.requant_multiplier(m, out_max)
+  m0, s0 = intexec.quantize_multiplier(m)
+  assert 0 < m1 <= I32_MAX and -31 <= s1 <= 30
+  got = np.asarray(intexec.multiply_by_quantized_multiplier(xs.astype(np.int32), m1, s1), np.int64)
+  tfl = np.asarray(intexec.multiply_by_quantized_multiplier(xs.astype(np.int32), m0, s0), np.int64)
+  exact = np.asarray([math.floor(int(x) * mf + Fraction(1, 2)) for x in xs], np.int64)
+  if s1 < 0:
+    bound = 2.0 ** (s1 - 1) + out_max * 2.0 ** (s1 - 32) / m
+  else:
+    bound = out_max * 2.0 ** -32 / m + 2.0 ** -31
+  for x in xs[got != exact]:  # every wrong rounding lies within `bound` of a half-integer
+    v = int(x) * mf
+    assert abs(float(v - math.floor(v) - Fraction(1, 2))) <= bound
+  assert np.sum(got != exact) <= np.sum(tfl != exact)
+
+
 def test_fixed_point_core_is_int32_only():
   """No 64-bit or floating-point op in the jaxpr (JAX default 32-bit mode)."""
   jaxpr = jax.make_jaxpr(intexec.multiply_by_quantized_multiplier)(

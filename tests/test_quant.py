@@ -13,6 +13,21 @@ from mpq.quant.quantizer import Quantizer
 RNG = np.random.RandomState(0)
 
 
+def rhu(v):
+  """Round half up (ties toward +inf), mpq's rounding, in float64."""
+  return np.floor(np.asarray(v, np.float64) + 0.5)
+
+
+def test_round_half_up_on_ties_and_near_ties():
+  below = np.nextafter(np.float32(0.5), np.float32(0))  # 0.49999997: + 0.5 rounds to 1 in float32
+  v = np.asarray([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, below, -below, 1.4999999, 2 ** 22 + 0.5,
+                  -(2 ** 22) - 0.5, 3.0, -3.0], np.float32)
+  want = [-2, -1, 0, 1, 2, 3, 0, 0, 1, 2 ** 22 + 1, -(2 ** 22), 3, -3]
+  np.testing.assert_array_equal(np.asarray(core.round_half_up(jnp.asarray(v))), want)
+  x = RNG.randn(10000).astype(np.float32) * 100
+  np.testing.assert_array_equal(np.asarray(core.round_half_up(x)), rhu(x))
+
+
 def np_range(bits, signed, narrow=False):
   if signed:
     qmax = 2 ** (bits - 1) - 1
@@ -29,7 +44,7 @@ def test_qrange_and_quantize_match_numpy(bits, signed, narrow):
   x = RNG.randn(1000).astype(np.float32) * 3
   scale, zp = 0.05, (0 if signed else 7)
   q = core.quantize(x, scale, zp, bits, signed, narrow)
-  ref = np.clip(np.round(x / np.float32(scale)) + zp, lo, hi).astype(np.int32)
+  ref = np.clip(rhu(x / np.float32(scale)) + zp, lo, hi).astype(np.int32)
   np.testing.assert_array_equal(np.asarray(q), ref)
   np.testing.assert_allclose(core.dequantize(q, scale, zp), (ref - zp) * np.float32(scale), rtol=1e-6)
   np.testing.assert_allclose(core.fake_quant(x, scale, zp, bits, signed, narrow),
@@ -43,7 +58,7 @@ def test_per_channel_quantize_any_axis():
     s = (np.arange(n, dtype=np.float32) + 1) * 0.1
     shaped = s.reshape(core.channel_shape(3, axis, n))
     q = core.quantize(x, shaped, 0, 4, True)
-    ref = np.clip(np.round(x / shaped), -8, 7)
+    ref = np.clip(rhu(x / shaped), -8, 7)
     np.testing.assert_array_equal(np.asarray(q), ref)
 
 
@@ -88,11 +103,11 @@ def test_lsq_gradients_closed_form(signed, per_channel):
   v = x / s
   inside = (v >= n) & (v <= p)
   np.testing.assert_allclose(dx, np.where(inside, w, 0))
-  ds_elem = np.where(v < n, n, np.where(v > p, p, np.round(v) - v))
+  ds_elem = np.where(v < n, n, np.where(v > p, p, rhu(v) - v))
   ref = (w * ds_elem).sum(axis=0, keepdims=True) if per_channel else (w * ds_elem).sum()
   np.testing.assert_allclose(ds, ref, rtol=1e-5, atol=1e-6)
   y = est.lsq(jnp.asarray(x), jnp.asarray(s), jnp.float32(n), jnp.float32(p))
-  np.testing.assert_allclose(y, np.round(np.clip(v, n, p)) * s, rtol=1e-6)
+  np.testing.assert_allclose(y, rhu(np.clip(v, n, p)) * s, rtol=1e-6)
 
 
 def test_lsq_gradient_scale():
@@ -129,11 +144,11 @@ def test_tqt_forward_and_gradients(signed):
   w, (dx, dl) = _weighted_grads(lambda x, l: est.tqt(x, l, bits, signed), jnp.asarray(x),
                                 jnp.asarray(log2_t), argnums=(0, 1))
   v = x / s
-  np.testing.assert_allclose(est.tqt(x, log2_t, bits, signed), np.clip(np.round(v), n, p) * s,
+  np.testing.assert_allclose(est.tqt(x, log2_t, bits, signed), np.clip(rhu(v), n, p) * s,
                              rtol=1e-6)
   inside = (v >= n) & (v <= p)
   np.testing.assert_allclose(dx, np.where(inside, w, 0))
-  ref = np.sum(w * s * math.log(2) * np.where(v < n, n, np.where(v > p, p, np.round(v) - v)))
+  ref = np.sum(w * s * math.log(2) * np.where(v < n, n, np.where(v > p, p, rhu(v) - v)))
   np.testing.assert_allclose(dl, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -183,7 +198,7 @@ def test_dbits_interpolation_and_gradients(b):
   def q_np(k):
     pk = 2 ** (k - 1) - 1
     s = 2.0 / pk
-    return np.round(np.clip(np.asarray(x) / s, -pk, pk)) * s, s, pk
+    return rhu(np.clip(np.asarray(x) / s, -pk, pk)) * s, s, pk
 
   (q_lo, s_lo, p_lo), (q_hi, s_hi, p_hi) = q_np(lo), q_np(lo + 1)
   y = est.dbits(x, amax, jnp.float32(b), True)
@@ -193,7 +208,7 @@ def test_dbits_interpolation_and_gradients(b):
 
   def ds(s, pk):  # LSQ step gradient summed
     v = np.asarray(x) / s
-    return np.sum(np.where(v < -pk, -pk, np.where(v > pk, pk, np.round(v) - v)))
+    return np.sum(np.where(v < -pk, -pk, np.where(v > pk, pk, rhu(v) - v)))
 
   damax_ref = (1 - f) * ds(s_lo, p_lo) / p_lo + f * ds(s_hi, p_hi) / p_hi
   da = jax.grad(lambda a: jnp.sum(est.dbits(x, a, jnp.float32(b), True)))(amax)

@@ -99,20 +99,36 @@ def test_bn_freeze_uses_ema_statistics_and_stops_updating():
   np.testing.assert_allclose(y, q(x, train=False), rtol=1e-6)
 
 
-def test_eval_is_integer_conv_plus_folded_bias():
-  """Eval = conv(Q_a(x), Q_w(w_fold)) + b_fold, with both operands on integer grids."""
-  q = QuantConvBN("c", 3, 4, 3, 1, 1, LayerQuant(4, 4, "lsq"), QuantOptions(), rngs=nnx.Rngs(0))
-  x = jnp.asarray(np.abs(RNG.randn(2, 5, 5, 3)).astype(np.float32))
+def rhu(v):
+  """Round half up in float64 (the independent reference of core.round_half_up)."""
+  return np.floor(np.asarray(v, np.float64) + 0.5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_eval_is_integer_conv_plus_int32_bias(bits):
+  """Eval = (conv(x_int, w_int) + round(b_fold / (s_a s_w))) * s_a s_w: integer operands, the bias
+  on the int32 grid, exactly what the exporter writes."""
+  q = QuantConvBN("c", 3, 4, 3, 1, 1, LayerQuant(bits, bits, "lsq"), QuantOptions(),
+                  rngs=nnx.Rngs(0))
+  x = jnp.asarray(RNG.randn(2, 5, 5, 3).astype(np.float32))
   calib.calibrate(q, [x])
+  q.bn.mean.value = jnp.asarray([7.3, -11.9, 5.1, 13.7], jnp.float32)  # a non-trivial bias
   w_fold, b_fold, _ = q.folded()
   sw, _, _, _ = q.wq.params()
   sa, za, _, _ = q.aq.params()
-  wi = np.clip(np.round(np.asarray(w_fold) / np.asarray(sw)), -8, 7)
-  xi = np.clip(np.round(np.asarray(x) / float(sa)) + float(za), -8, 7)  # signed input grid
-  acc = jax.lax.conv_general_dilated(jnp.asarray(xi), jnp.asarray(wi), (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  ref = np.asarray(acc) * float(sa) * np.asarray(sw).reshape(-1) + np.asarray(b_fold)
-  np.testing.assert_allclose(q(x, train=False), ref, rtol=1e-4, atol=1e-4)
+  lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+  sw64 = np.asarray(sw, np.float64).reshape(-1)
+  wi = np.clip(rhu(np.asarray(w_fold) / sw64), lo, hi)
+  xi = np.clip(rhu(np.asarray(x) / float(sa)) + float(za), lo, hi)  # signed input grid
+  acc = jax.lax.conv_general_dilated(jnp.asarray(xi, jnp.float32), jnp.asarray(wi, jnp.float32),
+                                     (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  bias = rhu(np.asarray(b_fold) / (float(sa) * sw64))
+  ref = (np.asarray(acc, np.float64) + bias) * float(sa) * sw64
+  assert np.all(np.abs(bias) >= 2)
+  np.testing.assert_allclose(q(x, train=False), ref, rtol=1e-6, atol=1e-7)
+  # the float form differs by the bias rounding, which the integer form must include
+  plain = np.asarray(acc, np.float64) * float(sa) * sw64 + np.asarray(b_fold)
+  assert np.max(np.abs(plain - ref)) > 1e-7
 
 
 # ------------------------------------------------------------------------------------ calibration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -12,14 +13,13 @@ from flax import nnx
 
 from mpq import models
 from mpq.errors import UserError
-from mpq.intexec.fixedpoint import quantize_multipliers
+from mpq.intexec.fixedpoint import quantize_multipliers, requant_multiplier
 from mpq.layers import record_graph
 from mpq.quant import core
-from mpq.quant import estimators as est
-from mpq.quant import quantizer as qz
 
 FORMAT, VERSION = "mpq-int", 1
-OP_KINDS = ("quantize", "conv2d", "dense", "requantize", "max_pool", "dequantize")
+OP_KINDS = ("quantize", "conv2d", "dense", "requantize", "add", "clamp", "shift", "max_pool",
+            "sum_pool", "dequantize")
 
 
 class ExportError(UserError):
@@ -59,33 +59,18 @@ def unpack(stored: np.ndarray, bits: int, shape) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- grids
 def grid(q, tensor=None) -> dict:
-  """The integer grid a quantizer evaluates on: scale, zero point, bits, signed, qmin, qmax."""
-  if q.estimator == "none" or q.bypass:
-    raise ExportError(f"{q.name}/{q.role} is not quantized (estimator 'none'); integer export "
-                      "needs every dense/conv layer quantized")
-  bits = int(q.int_bits())
-  e = q.estimator
-  if e == "ste" and q.role == "weight":
-    w = np.asarray(tensor)
-    amax = np.max(np.abs(w), axis=tuple(range(w.ndim - 1)))
-    scale, zp = np.asarray(core.symmetric_scale(amax, bits)), np.zeros_like(amax)
-    signed, narrow = True, True
-  elif e == "ste":
-    s, z = core.affine_params(q.lo.value, q.hi.value, bits)
-    scale, zp, signed, narrow = np.asarray(s), np.asarray(z), False, False
-  elif e in ("lsq", "noise") or (e == "lsq+" and not hasattr(q, "offset")):
-    scale, zp, signed, narrow = np.asarray(qz._positive(q.step_size.value)), 0.0, q.signed, False
-  elif e == "tqt":
-    scale, zp, signed, narrow = np.asarray(est.tqt_scale(q.log2_t.value, bits, q.signed)), 0.0, \
-        q.signed, False
-  elif e == "dbits":
-    _, p = core.qrange(bits, q.signed, narrow=q.signed)
-    scale, zp, signed, narrow = np.asarray(qz._positive(q.amax.value) / p), 0.0, q.signed, q.signed
-  else:
-    raise ExportError(f"{q.name}/{q.role}: estimator {e!r} (a learned offset) has no integer grid")
-  qmin, qmax = (float(v) for v in core.qrange(bits, signed, narrow))
-  return {"scale": np.asarray(scale, np.float64).reshape(-1), "zero_point": np.asarray(zp).reshape(-1),
-          "bits": bits, "signed": bool(signed), "qmin": int(qmin), "qmax": int(qmax)}
+  """The integer grid a quantizer evaluates on (`Quantizer.integer_grid`) in NumPy: scale, zero
+  point, bits, signed, qmin, qmax."""
+  g = q.integer_grid(tensor)
+  if g is None:
+    raise ExportError(f"{q.name}/{q.role} does not evaluate on an integer grid (estimator "
+                      f"{q.estimator!r}{', bypassed' if q.bypass else ''}); integer export needs "
+                      "every dense/conv layer quantized with ste, lsq, noise, tqt or dbits")
+  bits = int(g["bits"])
+  qmin, qmax = (int(v) for v in core.qrange(bits, g["signed"], g["narrow"]))
+  return {"scale": np.asarray(g["scale"], np.float64).reshape(-1),
+          "zero_point": np.asarray(g["zero_point"]).reshape(-1), "bits": bits,
+          "signed": g["signed"], "qmin": qmin, "qmax": qmax}
 
 
 # --------------------------------------------------------------------------------------- exporting
@@ -108,21 +93,39 @@ def _capture(model, image_shape):
 def export(model: nnx.Module, image_shape, out_dir: str, meta: dict | None = None) -> dict:
   """Writes `out_dir/manifest.json` and `out_dir/weights.npz`; returns the manifest. `meta`
   (e.g. dataset, model, source checkpoint) is stored under "source"."""
-  from mpq.quant.layers import QuantConvBN, QuantDense  # pylint: disable=g-import-not-at-top
-  table = models.layer_table(model)
-  ops, holder = _capture(model, image_shape)
-  producer = {id(holder["x"]): ("input",)}
-  out_ops, tensors, n_t = [], {}, [0]
+  lowering = _Lowering(model, image_shape)
+  manifest = lowering.run(meta)
+  os.makedirs(out_dir, exist_ok=True)
+  np.savez(os.path.join(out_dir, "weights.npz"), **lowering.tensors)
+  tmp = os.path.join(out_dir, "manifest.json.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, "manifest.json"))
+  return manifest
 
-  def new_tensor():
-    n_t[0] += 1
-    return f"t{n_t[0]}"
 
-  def chain(t):
-    """(source, [transforms]) for a recorded tensor: the producing layer or the input."""
+class _Lowering:
+  """Walks the recorded graph once. Every dense/conv/add output is an int32 accumulator with a real
+  scale per channel ("acc" nodes); ReLU/ReLU6/pooling between an accumulator and the next
+  quantizer are "transforms", lowered when a quantizer consumes the tensor (`_to_grid`)."""
+
+  def __init__(self, model, image_shape):
+    self.table = models.layer_table(model)
+    self.image_shape = image_shape
+    self.recorded, holder = _capture(model, image_shape)
+    self.x, self.y = holder["x"], holder["y"]
+    self.producer = {id(self.x): ("input",)}
+    self.ops, self.tensors, self.input_spec, self._n = [], {}, None, 0
+
+  def _new(self):
+    self._n += 1
+    return f"t{self._n}"
+
+  def _chain(self, t):
+    """(source node, [transforms from the source to t]) for a recorded tensor."""
     transforms = []
     while True:
-      node = producer.get(id(t))
+      node = self.producer.get(id(t))
       if node is None:
         raise ExportError("an op between two layers was not recorded (use mpq.layers.relu/relu6 "
                           "and factory layers only)")
@@ -131,56 +134,80 @@ def export(model: nnx.Module, image_shape, out_dir: str, meta: dict | None = Non
       transforms.append(node)
       t = node[1]
 
-  input_spec = None
-  for kind, name, inputs, output in ops:
-    if kind in ("relu", "relu6"):
-      producer[id(output)] = (kind, inputs[0])
-      continue
-    if kind == "max_pool":
-      producer[id(output)] = ("max_pool", inputs[0], table[name].window)
-      continue
-    if kind not in ("conv_bn", "dense"):
-      raise ExportError(f"op {name!r} of kind {kind!r} is not supported by the {FORMAT} "
-                        f"v{VERSION} exporter (supported: conv, dense, ReLU/ReLU6, max pooling)")
-    layer = table[name]
-    if not isinstance(layer, (QuantConvBN, QuantDense)):
-      raise ExportError(f"layer {name!r} is not quantized; export a quantized (QAT or PTQ) model")
-    g_in = grid(layer.aq)
-    source, transforms = chain(inputs[0])
+  def _to_grid(self, t, q, consumer: str) -> tuple[str, dict]:
+    """Emits the ops that bring recorded tensor `t` onto quantizer `q`'s integer grid; returns the
+    integer tensor's name and the grid."""
+    g = grid(q)
+    source, transforms = self._chain(t)
     if source[0] == "input":
-      t_in = new_tensor()
-      input_spec = {"tensor": t_in, "shape": list(image_shape), "scale": float(g_in["scale"][0]),
-                    "zero_point": int(g_in["zero_point"][0]), "qmin": g_in["qmin"],
-                    "qmax": g_in["qmax"], "bits": g_in["bits"]}
-      out_ops.append({"op": "quantize", "name": f"{name}/input", "input": "input",
-                      "output": t_in, **{k: input_spec[k] for k in ("scale", "zero_point", "qmin",
-                                                                     "qmax", "bits")}})
-    else:
-      src = source[1]
-      lo, hi = g_in["qmin"], g_in["qmax"]
-      z_out = int(g_in["zero_point"][0])
-      for tr in transforms:
-        if tr[0] == "relu":
-          lo = max(lo, z_out)
-        elif tr[0] == "relu6":
-          lo = max(lo, z_out)
-          hi = min(hi, int(round(6.0 / float(g_in["scale"][0]))) + z_out)
-      m = src["s_in"] * src["s_w"] / float(g_in["scale"][0])
-      m0, shift = quantize_multipliers(m)
-      t_in = new_tensor()
-      tensors[f"{src['name']}->{name}/multiplier"] = m0
-      tensors[f"{src['name']}->{name}/shift"] = shift
-      out_ops.append({"op": "requantize", "name": f"{src['name']}->{name}", "input": src["acc"],
-                      "output": t_in, "multiplier": f"{src['name']}->{name}/multiplier",
-                      "shift": f"{src['name']}->{name}/shift", "zero_point": z_out,
-                      "clamp": [lo, hi], "bits": g_in["bits"]})
-      for tr in transforms:
-        if tr[0] == "max_pool":
-          t2 = new_tensor()
-          out_ops.append({"op": "max_pool", "name": f"{name}/pool", "input": t_in, "output": t2,
-                          "window": int(tr[2])})
-          t_in = t2
-    # the layer itself
+      if transforms:
+        raise ExportError(f"{consumer}: an op between the model input and the first layer cannot "
+                          "be lowered")
+      if self.input_spec is not None:
+        raise ExportError(f"{consumer}: the model input feeds more than one quantized layer")
+      t_in = self._new()
+      self.input_spec = {"tensor": t_in, "shape": list(self.image_shape),
+                         "scale": float(g["scale"][0]), "zero_point": int(g["zero_point"][0]),
+                         "qmin": g["qmin"], "qmax": g["qmax"], "bits": g["bits"]}
+      self.ops.append({"op": "quantize", "name": f"{consumer}/input", "input": "input",
+                       "output": t_in, **{k: self.input_spec[k] for k in
+                                          ("scale", "zero_point", "qmin", "qmax", "bits")}})
+      return t_in, g
+    src = source[1]
+    acc, scale, bound = src["acc"], np.asarray(src["scale"], np.float64), src["bound"]
+    # Transforms up to the last average pool run on the accumulator (pooling is linear, ReLU is
+    # not: it must come first); the rest fold into the requantization clamp, then max pooling.
+    pools = [i for i, tr in enumerate(transforms) if tr[0] == "avg_pool"]
+    split = pools[-1] + 1 if pools else 0
+    for tr in transforms[:split]:
+      out = self._new()
+      if tr[0] in ("relu", "relu6"):
+        op = {"op": "clamp", "name": f"{src['name']}/{tr[0]}", "input": acc, "output": out,
+              "lo": 0, "hi": 2 ** 31 - 1}
+        if tr[0] == "relu6":
+          hi = np.minimum(core.round_half_up(6.0 / scale), 2 ** 31 - 1).astype(np.int32)
+          op["hi"] = f"{src['name']}/relu6_hi"
+          self.tensors[op["hi"]] = np.broadcast_to(hi, scale.shape).copy()
+      elif tr[0] == "max_pool":
+        op = {"op": "max_pool", "name": f"{src['name']}/max_pool", "input": acc, "output": out,
+              "window": int(tr[2])}
+      else:
+        # the sum of n accumulators must fit int32: shift right first where the bound says so
+        k = max(0, math.ceil(math.log2(bound * tr[2] / (2 ** 31 - 1)))) if bound * tr[2] >= 2 ** 31 else 0
+        if k:
+          self.ops.append({"op": "shift", "name": f"{src['name']}/shift", "input": acc,
+                           "output": out, "right": k})
+          acc, out, scale, bound = out, self._new(), scale * 2 ** k, bound / 2 ** k + 1
+        op = {"op": "sum_pool", "name": f"{src['name']}/sum_pool", "input": acc, "output": out}
+        scale, bound = scale / tr[2], bound * tr[2]  # mean = sum / (H W): 1 / (H W) joins M
+      self.ops.append(op)
+      acc = out
+    lo, hi = g["qmin"], g["qmax"]
+    z_out = int(g["zero_point"][0])
+    s_out = float(g["scale"][0])
+    for tr in transforms[split:]:
+      if tr[0] in ("relu", "relu6"):
+        lo = max(lo, z_out)
+      if tr[0] == "relu6":
+        hi = min(hi, int(core.round_half_up(6.0 / s_out)) + z_out)
+    key = f"{src['name']}->{consumer}"
+    m0, shift = quantize_multipliers(scale / s_out, out_max=max(abs(lo - z_out), abs(hi - z_out)) + 1)
+    self.tensors[f"{key}/multiplier"], self.tensors[f"{key}/shift"] = m0, shift
+    t_in = self._new()
+    self.ops.append({"op": "requantize", "name": key, "input": acc, "output": t_in,
+                     "multiplier": f"{key}/multiplier", "shift": f"{key}/shift",
+                     "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]})
+    for tr in transforms[split:]:
+      if tr[0] == "max_pool":
+        out = self._new()
+        self.ops.append({"op": "max_pool", "name": f"{consumer}/pool", "input": t_in, "output": out,
+                         "window": int(tr[2])})
+        t_in = out
+    return t_in, g
+
+  def _layer(self, name, layer, inputs, output):
+    from mpq.quant.layers import QuantConvBN, integer_form  # pylint: disable=g-import-not-at-top
+    t_in, g_in = self._to_grid(inputs[0], layer.aq, name)
     if isinstance(layer, QuantConvBN):
       w, b, _ = layer.folded()
       c = layer.conv
@@ -190,38 +217,76 @@ def export(model: nnx.Module, image_shape, out_dir: str, meta: dict | None = Non
     else:
       w, b = layer.linear.kernel.value, layer.linear.bias.value
       extra = {"op": "dense"}
+    form = integer_form(layer.aq, layer.wq, w, layer.wq(w), b)
+    if form is None:
+      raise ExportError(f"layer {name!r} does not evaluate on integer grids")
     g_w = grid(layer.wq, w)
-    w_int = np.asarray(core.quantize(w, g_w["scale"], 0, g_w["bits"], True,
-                                     narrow=g_w["qmin"] == -g_w["qmax"]))
-    s_in = float(g_in["scale"][0])
-    s_w = g_w["scale"]
-    bias = np.asarray(np.round(np.asarray(b, np.float64) / (s_in * s_w)), np.int64)
+    w_int, bias = np.asarray(form[2], np.int64), np.asarray(form[3], np.float64)
     if np.any(np.abs(bias) > 2 ** 31 - 1):
       raise ExportError(f"layer {name!r}: bias does not fit int32 at scale s_in * s_w")
-    t_acc = new_tensor()
-    tensors[f"{name}/weight"] = pack(w_int, g_w["bits"])
-    tensors[f"{name}/bias"] = bias.astype(np.int32)
-    out_ops.append({**extra, "name": name, "input": t_in, "output": t_acc,
-                    "weight": f"{name}/weight", "weight_shape": list(w_int.shape),
-                    "w_bits": g_w["bits"], "bias": f"{name}/bias",
-                    "input_zero_point": int(g_in["zero_point"][0]), "a_bits": g_in["bits"],
-                    "input_scale": s_in, "weight_scale": [float(v) for v in s_w]})
-    producer[id(output)] = ("acc", {"name": name, "acc": t_acc, "s_in": s_in, "s_w": s_w})
-  final = producer.get(id(holder["y"]))
-  if final is None or final[0] != "acc":
-    raise ExportError("the model output must be a dense/conv layer's output (logits)")
-  src = final[1]
-  out_ops.append({"op": "dequantize", "name": f"{src['name']}/output", "input": src["acc"],
-                  "output": "logits", "scale": [float(src["s_in"] * v) for v in src["s_w"]]})
-  manifest = {"format": FORMAT, "version": VERSION, "input": input_spec, "output": "logits",
-              "num_classes": int(len(src["s_w"])), "source": meta or {}, "ops": out_ops}
-  os.makedirs(out_dir, exist_ok=True)
-  np.savez(os.path.join(out_dir, "weights.npz"), **tensors)
-  tmp = os.path.join(out_dir, "manifest.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, "manifest.json"))
-  return manifest
+    s_in, s_w = float(g_in["scale"][0]), g_w["scale"]
+    t_acc = self._new()
+    self.tensors[f"{name}/weight"] = pack(w_int, g_w["bits"])
+    self.tensors[f"{name}/bias"] = bias.astype(np.int32)
+    self.ops.append({**extra, "name": name, "input": t_in, "output": t_acc,
+                     "weight": f"{name}/weight", "weight_shape": list(w_int.shape),
+                     "w_bits": g_w["bits"], "bias": f"{name}/bias",
+                     "input_zero_point": int(g_in["zero_point"][0]), "a_bits": g_in["bits"],
+                     "input_scale": s_in, "weight_scale": [float(v) for v in s_w]})
+    x_max = max(abs(g_in["qmin"] - g_in["zero_point"][0]), abs(g_in["qmax"] - g_in["zero_point"][0]))
+    k = int(np.prod(w_int.shape[:-1]))  # products summed per output (conv: kh kw cin/groups)
+    bound = float(k * np.max(np.abs(w_int)) * x_max + np.max(np.abs(bias)))
+    self.producer[id(output)] = ("acc", {"name": name, "acc": t_acc, "scale": s_in * s_w,
+                                         "bound": bound})
+
+  def _add(self, name, layer, inputs, output):
+    """`y = s_a q_a + s_b q_b` as TFLite's ADD does it: both inputs shifted left by `L` and
+    rescaled to the common scale `2 max(s_a, s_b) / 2^L`, then summed in int32."""
+    ins = [self._to_grid(t, q, f"{name}/{k}") for t, q, k in
+           zip(inputs, (layer.aq_a, layer.aq_b), ("a", "b"))]
+    scales = [float(g["scale"][0]) for _, g in ins]
+    s_max = max(scales)
+    left = 31 - max(g["bits"] for _, g in ins)  # |q| << left stays below 2^30
+    s_acc = 2 * s_max / 2 ** left
+    mults = [requant_multiplier(s / (2 * s_max), 2.0 ** 30) for s in scales]
+    t_acc = self._new()
+    self.ops.append({"op": "add", "name": name, "inputs": [t for t, _ in ins], "output": t_acc,
+                     "left_shift": left, "multipliers": [m for m, _ in mults],
+                     "shifts": [s for _, s in mults],
+                     "input_zero_points": [int(g["zero_point"][0]) for _, g in ins],
+                     "input_scales": scales, "a_bits": [g["bits"] for _, g in ins],
+                     "quantizers": [layer.aq_a.name, layer.aq_b.name]})
+    self.producer[id(output)] = ("acc", {"name": name, "acc": t_acc, "scale": np.asarray([s_acc]),
+                                         "bound": 2.0 ** 31 - 1})
+
+  def run(self, meta) -> dict:
+    from mpq.quant.layers import QuantAdd, QuantConvBN, QuantDense  # pylint: disable=g-import-not-at-top
+    for kind, name, inputs, output in self.recorded:
+      if kind in ("relu", "relu6"):
+        self.producer[id(output)] = (kind, inputs[0])
+      elif kind == "max_pool":
+        self.producer[id(output)] = ("max_pool", inputs[0], self.table[name].window)
+      elif kind == "avg_pool":
+        self.producer[id(output)] = ("avg_pool", inputs[0],
+                                     int(inputs[0].shape[1]) * int(inputs[0].shape[2]))
+      elif kind in ("conv_bn", "dense", "add"):
+        layer = self.table[name]
+        if not isinstance(layer, (QuantConvBN, QuantDense, QuantAdd)):
+          raise ExportError(f"layer {name!r} is not quantized; export a quantized (QAT or PTQ) "
+                            "model")
+        (self._add if kind == "add" else self._layer)(name, layer, inputs, output)
+      else:
+        raise ExportError(f"op {name!r} of kind {kind!r} is not supported by the {FORMAT} "
+                          f"v{VERSION} exporter (supported: conv, dense, add, ReLU/ReLU6, max and "
+                          "global average pooling)")
+    final = self.producer.get(id(self.y))
+    if final is None or final[0] != "acc":
+      raise ExportError("the model output must be a dense/conv layer's output (logits)")
+    src = final[1]
+    self.ops.append({"op": "dequantize", "name": f"{src['name']}/output", "input": src["acc"],
+                     "output": "logits", "scale": [float(v) for v in np.ravel(src["scale"])]})
+    return {"format": FORMAT, "version": VERSION, "input": self.input_spec, "output": "logits",
+            "num_classes": int(self.y.shape[-1]), "source": meta or {}, "ops": self.ops}
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -276,4 +341,31 @@ def load(model_dir: str) -> tuple[dict, dict]:
       _need(op, "clamp", isinstance(lo, int) and isinstance(hi, int) and lo <= hi,
             "must be [lo, hi] integers with lo <= hi")
       tensors[op["multiplier"]], tensors[op["shift"]] = m0, sh
+    if kind == "add":
+      _need(op, "inputs", isinstance(op.get("inputs"), list) and len(op["inputs"]) == 2,
+            "must list two tensors")
+      _need(op, "left_shift", isinstance(op.get("left_shift"), int) and 0 <= op["left_shift"] <= 30,
+            "must be an integer in [0, 30]")
+      for field, ok, what in (("multipliers", lambda v: 0 <= v <= 2 ** 31 - 1, "int32 >= 0"),
+                              ("shifts", lambda v: -31 <= v <= 30, "in [-31, 30]"),
+                              ("input_zero_points", lambda v: True, "integers")):
+        vals = op.get(field)
+        _need(op, field, isinstance(vals, list) and len(vals) == 2
+              and all(isinstance(v, int) and ok(v) for v in vals), f"must be two {what}")
+    if kind == "shift":
+      _need(op, "right", isinstance(op.get("right"), int) and 0 <= op["right"] <= 31,
+            "must be an integer in [0, 31]")
+    if kind == "clamp":
+      lo, hi = op.get("lo"), op.get("hi")
+      if isinstance(hi, str):
+        _need(op, "hi", hi in raw and raw[hi].dtype == np.int32, "names no int32 tensor")
+        tensors[hi] = raw[hi]
+        hi = int(raw[hi].min())
+      _need(op, "lo", isinstance(lo, int) and isinstance(hi, int) and lo <= hi,
+            "must be an integer <= hi")
+  defined = {"input"}
+  for op in manifest.get("ops", []):
+    for t in op.get("inputs", [op.get("input")]):
+      _need(op, "input", t in defined, f"names tensor {t!r}, which no earlier op produces")
+    defined.add(op.get("output"))
   return manifest, tensors

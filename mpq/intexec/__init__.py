@@ -1,9 +1,10 @@
 """Integer-only reference execution (pure jax.numpy / lax, int32 arithmetic)."""
 
 from mpq.intexec.fixedpoint import (multiply_by_quantized_multiplier, quantize_multiplier,
-                                    quantize_multipliers, rounding_divide_by_pot,
+                                    quantize_multipliers, requant_multiplier,
+                                    rounding_divide_by_pot,
                                     saturating_rounding_doubling_high_mul)
 
 __all__ = ["multiply_by_quantized_multiplier", "quantize_multiplier", "quantize_multipliers",
-           "rounding_divide_by_pot", "saturating_rounding_doubling_high_mul"]
+           "requant_multiplier", "rounding_divide_by_pot", "saturating_rounding_doubling_high_mul"]
 from mpq.intexec.executor import build, intermediates  # noqa: E402

@@ -1,6 +1,6 @@
 """The int32 reference executor for `mpq-int` models (pure jax.numpy / lax, jittable).
 
-`build(manifest, tensors)` returns `(run, core)`: `run(images) -> logits` quantizes the float input,
+`build(manifest, tensors)` returns `(run, core, quantize)`: `run(images) -> logits` quantizes the float input,
 executes the integer ops and dequantizes the final accumulator; `core(q_input) -> int32 accumulator`
 is the integer part alone (every op on int32, products accumulated in int32 through
 `preferred_element_type`), which a test inspects for floating-point ops.
@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpq.intexec.fixedpoint import multiply_by_quantized_multiplier
+from mpq.intexec.fixedpoint import multiply_by_quantized_multiplier, rounding_divide_by_pot
+from mpq.quant.core import round_half_up
 
 
 def _max_pool(x, w):
@@ -23,6 +24,13 @@ def _max_pool(x, w):
 
 def _integer_op(op, env, t):
   kind = op["op"]
+  if kind == "add":  # TFLite ADD: inputs shifted left, rescaled to a common scale, summed
+    acc = jnp.int32(0)
+    for name, z, m0, sh in zip(op["inputs"], op["input_zero_points"], op["multipliers"],
+                               op["shifts"]):
+      xi = jnp.left_shift(env[name] - jnp.int32(z), jnp.int32(op["left_shift"]))
+      acc = acc + multiply_by_quantized_multiplier(xi, jnp.int32(m0), jnp.int32(sh))
+    return acc
   x = env[op["input"]]
   if kind == "conv2d":
     xi = x - jnp.int32(op["input_zero_point"])
@@ -43,6 +51,14 @@ def _integer_op(op, env, t):
     return jnp.clip(y + jnp.int32(op["zero_point"]), jnp.int32(lo), jnp.int32(hi))
   if kind == "max_pool":
     return _max_pool(x, op["window"])
+  if kind == "shift":  # rounding right shift (RoundingDivideByPOT), headroom before a sum
+    return rounding_divide_by_pot(x, jnp.int32(op["right"]))
+  if kind == "sum_pool":  # global average pooling's sum; 1 / (H W) is in the next multiplier
+    return jnp.sum(x, axis=(1, 2), dtype=jnp.int32)
+  if kind == "clamp":
+    hi = op["hi"]
+    hi = jnp.asarray(t[hi], jnp.int32) if isinstance(hi, str) else jnp.int32(hi)
+    return jnp.clip(x, jnp.int32(op["lo"]), hi)
   raise ValueError(f"op {op['name']!r}: {kind!r} is not an integer op")
 
 
@@ -59,7 +75,7 @@ def build(manifest: dict, tensors: dict):
     return env[last["input"]]
 
   def quantize(images):
-    x = jnp.round(jnp.asarray(images, jnp.float32) / first["scale"]) + first["zero_point"]
+    x = round_half_up(jnp.asarray(images, jnp.float32) / first["scale"]) + first["zero_point"]
     return jnp.clip(x, first["qmin"], first["qmax"]).astype(jnp.int32)
 
   scale = jnp.asarray(np.asarray(last["scale"], np.float32))

@@ -104,9 +104,35 @@ def multiply_by_quantized_multiplier(x, multiplier, shift):
       saturating_rounding_doubling_high_mul(jnp.left_shift(x, left), multiplier), right)
 
 
-def quantize_multipliers(ms) -> tuple[np.ndarray, np.ndarray]:
-  """`quantize_multiplier` over an array: (M0 int32 array, shift int32 array)."""
-  pairs = [quantize_multiplier(m) for m in np.ravel(ms)]
+def requant_multiplier(m: float, out_max: float) -> tuple[int, int]:
+  """(M0, shift) for `multiply_by_quantized_multiplier` that round `x * m` most faithfully, for
+  accumulators with `|x * m| <= out_max`.
+
+  TFLite's normalised form (`quantize_multiplier`, `M0` in [2^30, 2^31)) with `shift = -r < 0`
+  rounds twice: `SaturatingRoundingDoublingHighMul` rounds `x m` to a multiple of `2^-r`, then
+  `RoundingDivideByPOT` rounds that to an integer, so values within `2^-(r+1)` of a half-integer can
+  round the wrong way (e.g. `x m = 2.49976` with `r = 10` gives 3). With `shift = 0` and
+  `M0 = round(m 2^31)` (valid for `m < 1/2`), the high multiply does the only rounding,
+  `floor(x M0 / 2^31 + 1/2)`, but `M0` then carries fewer significant bits: `|x (M0 2^-31 - m)| <=
+  out_max 2^-32 / m`. This picks whichever error bound is smaller; both are exact TFLite semantics
+  for the executor, which never assumes a normalised `M0`.
+  """
+  m0, shift = quantize_multiplier(m)
+  if shift >= 0 or m == 0.0:
+    return m0, shift
+  double = 2.0 ** (shift - 1) + out_max * 2.0 ** (shift - 32) / m
+  single = out_max * 2.0 ** -32 / m
+  single_m0 = int(math.floor(m * 2 ** 31 + 0.5))
+  if single < double and 0 < single_m0 < 2 ** 31:
+    return single_m0, 0
+  return m0, shift
+
+
+def quantize_multipliers(ms, out_max: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """`quantize_multiplier` over an array, or `requant_multiplier(m, out_max)` when `out_max` is
+  given: (M0 int32 array, shift int32 array)."""
+  pairs = [quantize_multiplier(m) if out_max is None else requant_multiplier(m, out_max)
+           for m in np.ravel(ms)]
   shape = np.shape(ms)
   return (np.asarray([p[0] for p in pairs], np.int32).reshape(shape),
           np.asarray([p[1] for p in pairs], np.int32).reshape(shape))

@@ -17,7 +17,9 @@ constant, so changing a layer's bitwidth between steps does not recompile. `scal
 `zero_point` broadcast against `x`: a scalar for per-tensor quantization, or shaped like
 `channel_shape(x.ndim, axis, n)` for per-channel quantization along `axis`.
 
-Rounding is `jnp.round` (half to even). `fake_quant` passes gradients straight through inside the
+Rounding is `round_half_up` (`floor(v + 1/2)`, ties toward +inf): the rounding of gemmlowp's
+fixed-point multiply, so that evaluation and the integer executor agree on exact ties (which are
+common with power-of-two scales). `fake_quant` passes gradients straight through inside the
 clipping range and blocks them outside (the clipped straight-through estimator); the learned
 estimators in `mpq.quant.estimators` add gradients for the scale.
 """
@@ -34,6 +36,13 @@ def pow2i(e) -> jax.Array:
   """Exactly 2^e as float32 for integer-valued `e` (array or int), via an integer shift."""
   e = jnp.asarray(e)
   return jnp.left_shift(jnp.int32(1), e.astype(jnp.int32)).astype(jnp.float32)
+
+
+def round_half_up(v) -> jax.Array:
+  """`floor(v + 1/2)` without the float error of adding 1/2 (e.g. 0.49999997 + 0.5 == 1.0 in
+  float32): `floor(v) + (v - floor(v) >= 1/2)`, where the subtraction is exact."""
+  f = jnp.floor(v)
+  return f + (v - f >= 0.5).astype(f.dtype)
 
 
 def qrange(bits, signed: bool, narrow: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -65,7 +74,7 @@ def reduce_to(y: jax.Array, shape) -> jax.Array:
 def quantize(x, scale, zero_point, bits, signed: bool, narrow: bool = False) -> jax.Array:
   """Integers `clip(round(x / scale) + zero_point, qmin, qmax)` as int32."""
   qmin, qmax = qrange(bits, signed, narrow)
-  q = jnp.clip(jnp.round(x / scale) + zero_point, qmin, qmax)
+  q = jnp.clip(round_half_up(x / scale) + zero_point, qmin, qmax)
   return q.astype(jnp.int32)
 
 
@@ -76,7 +85,7 @@ def dequantize(q, scale, zero_point=0.0) -> jax.Array:
 
 @jax.custom_vjp
 def _fake_quant(x, scale, zero_point, qmin, qmax):
-  return (jnp.clip(jnp.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+  return (jnp.clip(round_half_up(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
 def _fake_quant_fwd(x, scale, zero_point, qmin, qmax):
@@ -126,5 +135,5 @@ def affine_params(lo, hi, bits) -> tuple[jax.Array, jax.Array]:
   lo = jnp.minimum(lo, 0.0)
   hi = jnp.maximum(hi, 0.0)
   scale = jnp.maximum(hi - lo, 1e-8) / (qmax - qmin)
-  zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+  zero_point = jnp.clip(round_half_up(qmin - lo / scale), qmin, qmax)
   return scale, zero_point

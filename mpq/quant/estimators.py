@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mpq.quant.core import MAX_BITS, MIN_BITS, pow2i, qrange, reduce_to
+from mpq.quant.core import MAX_BITS, MIN_BITS, pow2i, qrange, reduce_to, round_half_up
 
 LN2 = math.log(2.0)
 
@@ -48,19 +48,19 @@ def lsq(x, s, n, p):
   No gradient reaches `n` and `p`. Apply `scale_grad(s, lsq_grad_scale(N, p))` to `s` first for
   the paper's gradient scale.
   """
-  return jnp.round(jnp.clip(x / s, n, p)) * s
+  return round_half_up(jnp.clip(x / s, n, p)) * s
 
 
 def _lsq_fwd(x, s, n, p):
   v = x / s
-  return jnp.round(jnp.clip(v, n, p)) * s, (v, s, n, p)
+  return round_half_up(jnp.clip(v, n, p)) * s, (v, s, n, p)
 
 
 def _lsq_bwd(res, g):
   v, s, n, p = res
   inside = (v >= n) & (v <= p)
   dx = jnp.where(inside, g, 0.0)
-  ds_elem = jnp.where(v < n, n, jnp.where(v > p, p, jnp.round(v) - v))
+  ds_elem = jnp.where(v < n, n, jnp.where(v > p, p, round_half_up(v) - v))
   ds = reduce_to(g * ds_elem, jnp.shape(s))
   return dx, ds, jnp.zeros_like(n), jnp.zeros_like(p)
 
@@ -81,20 +81,20 @@ def lsq_plus(x, s, beta, n, p):
 @jax.custom_vjp
 def _tqt(x, log2_t, denom, n, p):
   s = jnp.exp2(jnp.ceil(log2_t)) / denom
-  return jnp.clip(jnp.round(x / s), n, p) * s
+  return jnp.clip(round_half_up(x / s), n, p) * s
 
 
 def _tqt_fwd(x, log2_t, denom, n, p):
   s = jnp.exp2(jnp.ceil(log2_t)) / denom
   v = x / s
-  return jnp.clip(jnp.round(v), n, p) * s, (v, s, log2_t, denom, n, p)
+  return jnp.clip(round_half_up(v), n, p) * s, (v, s, log2_t, denom, n, p)
 
 
 def _tqt_bwd(res, g):
   v, s, log2_t, denom, n, p = res
   inside = (v >= n) & (v <= p)
   dx = jnp.where(inside, g, 0.0)
-  dl = s * LN2 * jnp.where(v < n, n, jnp.where(v > p, p, jnp.round(v) - v))
+  dl = s * LN2 * jnp.where(v < n, n, jnp.where(v > p, p, round_half_up(v) - v))
   z = jnp.zeros_like
   return dx, reduce_to(g * dl, jnp.shape(log2_t)), z(denom), z(n), z(p)
 

@@ -5,14 +5,15 @@ Quantized layers keep the float layers' parameter names (`linear.kernel`, `conv.
 `wq` (weight) and `aq` (input activation), `aq_a`/`aq_b` for additions.
 
 Quantized forms (what the integer exporter reproduces):
-  QuantDense    `y = Q_a(x) @ Q_w(W) + b`                        (bias in float here, int32 on export)
+  QuantDense    `y = Q_a(x) @ Q_w(W) + b`
   QuantConvBN   BatchNorm folded into the conv (Jacob et al. 2017), `sigma = sqrt(var_ema + eps)`:
                   w_fold = W * gamma / sigma,  y_q = conv(Q_a(x), Q_w(w_fold))
                   frozen / eval:  y = y_q + (beta - gamma * mean_ema / sigma)
                   training before `bn_freeze_step`:  y_raw = y_q * sigma / gamma (the unfolded conv
                   output), then BatchNorm with batch statistics of y_raw, updating the EMA; this is
                   Jacob et al.'s correction `sigma_ema / sigma_batch` applied with one convolution.
-                Evaluation is therefore exactly "integer conv with the folded weight + folded bias".
+  Evaluation (both layers) sums the products on the integer grids and rounds the bias to the int32
+  grid `s_in * s_w` (`_evaluate`, `integer_form`): it computes what the exported integer model computes.
   QuantAdd      `y = Q_a(a) + Q_b(b)`: both inputs on their own signed grids, summed; in integer
                 form each input is rescaled to the next quantizer's grid and added (not lowered by
                 the exporter yet).
@@ -31,6 +32,7 @@ from flax import nnx
 
 from mpq import layers as float_layers
 from mpq.layers import Layer, note_cost, recorded
+from mpq.quant import core
 from mpq.quant.quantizer import Quantizer
 
 _he = nnx.initializers.he_normal()
@@ -68,6 +70,37 @@ def _quantizer(name, role, lq: LayerQuant, opts: QuantOptions, **kw):
                    osc_dampen=opts.osc_dampen, **kw)
 
 
+def integer_form(aq, wq, w, w_q, b):
+  """`(input grid, weight grid, integer weight, integer bias)` of a dense/conv layer at evaluation,
+  or None when a quantizer does not evaluate on an integer grid. `w` is the (folded) float weight,
+  `w_q = wq(w)` its fake-quantized value; the bias is rounded to the int32 grid `s_in * s_w`.
+  Evaluation (`_evaluate`) and the exporter both use this, so they hold the same integers."""
+  gi, gw = aq.integer_grid(), wq.integer_grid(w)
+  if gi is None or gw is None:
+    return None
+  w_int = core.round_half_up(w_q / gw["scale"])
+  bias = core.round_half_up(b / (gi["scale"] * gw["scale"].reshape(-1)))
+  return gi, gw, w_int, bias
+
+
+def _evaluate(aq, wq, w, w_q, xq, b, op):
+  """`op(xq, w_q) + b` at evaluation, computed the way the integer model computes it.
+
+  With `s_in`, `s_w` the grids' scales (`s_w` per output channel), the layer evaluates
+  `(op(xq / s_in, w_int) + b_int) * s_in s_w`: the products are summed on the integers (exact in
+  float32 below 2^24) and the bias is the exported int32 bias (`integer_form`). The plain float form
+  differs from the integer model by the bias rounding (up to half a unit of `s_in s_w`) and by the
+  float summation order; both move values that lie near a rounding boundary of the next
+  quantizer, and deep networks amplify those one-LSB differences.
+  """
+  form = integer_form(aq, wq, w, w_q, b)
+  if form is None:
+    return op(xq, w_q) + b
+  gi, gw, w_int, bias = form
+  acc = op(core.round_half_up(xq / gi["scale"]), w_int)
+  return (acc + bias) * (gi["scale"] * gw["scale"].reshape(-1))
+
+
 class QuantDense(Layer):
   kind = "dense"
 
@@ -81,10 +114,15 @@ class QuantDense(Layer):
 
   @recorded
   def __call__(self, x, train: bool = False):
-    x = self.aq(x.reshape(x.shape[0], -1), train)
-    w = self.wq(self.linear.kernel.value, train)
-    y = x @ w + self.linear.bias.value
-    note_cost(self.name, w.shape, x.shape, y.shape, w.size + self.linear.bias.value.size)
+    x = x.reshape(x.shape[0], -1)
+    xq = self.aq(x, train)
+    kernel, bias = self.linear.kernel.value, self.linear.bias.value
+    w = self.wq(kernel, train)
+    if train:
+      y = xq @ w + bias
+    else:
+      y = _evaluate(self.aq, self.wq, kernel, w, xq, bias, jnp.matmul)
+    note_cost(self.name, w.shape, x.shape, y.shape, w.size + bias.size)
     return y
 
 
@@ -124,10 +162,12 @@ class QuantConvBN(Layer):
     w_fold, b_fold, sigma = self.folded()
     xq = self.aq(x, train)
     wq = self.wq(w_fold, train)
+    if not train:
+      y = _evaluate(self.aq, self.wq, w_fold, wq, xq, b_fold, self._conv)
+      note_cost(self.name, wq.shape, x.shape, y.shape, wq.size)
+      return y
     y = self._conv(xq, wq)
     note_cost(self.name, wq.shape, x.shape, y.shape, wq.size)
-    if not train:
-      return y + b_fold
     bn = self.bn
     gamma = bn.scale.value
     self.calls.value = self.calls.value + 1

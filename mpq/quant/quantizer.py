@@ -173,7 +173,7 @@ class Quantizer(nnx.Module):
           (jax.lax.stop_gradient(y) - jnp.clip(w, s * n, s * p)) / s))
     if not self.tracking:
       return y
-    w_int = jnp.clip(jnp.round(v), n, p)
+    w_int = jnp.clip(core.round_half_up(v), n, p)
     valid = self.count.value > 1
     if self.osc_freeze > 0:
       w_int = jnp.where(self.frozen.value > 0, self.frozen_int.value, w_int)
@@ -263,6 +263,25 @@ class Quantizer(nnx.Module):
     if e == "lsq+" and hasattr(self, "offset"):
       raise ValueError("lsq+ offsets are not integer zero points; export needs lsq, ste, tqt or dbits")
     return _positive(self.step_size.value), jnp.zeros(()), bits, self.signed
+
+  def integer_grid(self, x=None) -> dict | None:
+    """The integer grid this quantizer evaluates on, as arrays: `{"scale", "zero_point", "bits",
+    "signed", "narrow"}` (scale per channel for weights; `ste` weights need the weight `x`), or
+    None where evaluation is not on an integer grid (estimator 'none', bypass, calibration in
+    progress, an lsq+ offset)."""
+    e = self.estimator
+    if e == "none" or self.bypass or OBSERVERS or (e == "lsq+" and hasattr(self, "offset")):
+      return None
+    bits = self.int_bits()
+    if e == "ste" and self.role == "weight":
+      amax = jnp.max(jnp.abs(jax.lax.stop_gradient(x)), axis=tuple(range(x.ndim - 1)),
+                     keepdims=True).reshape(self.shape)
+      scale, zp, signed, narrow = core.symmetric_scale(amax, bits), jnp.zeros(()), True, True
+    else:
+      scale, zp, _, signed = self.params()
+      narrow = e == "dbits" and self.signed
+    return {"scale": scale, "zero_point": zp, "bits": bits, "signed": bool(signed),
+            "narrow": bool(narrow)}
 
   def set_range(self, amax, lo=None) -> None:
     """Initialises the quantizer from a calibrated range (`amax`, per channel for weights).
