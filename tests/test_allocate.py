@@ -303,3 +303,23 @@ def test_tiny_dbits_run_rounds_to_a_feasible_assignment(float_tiny, tmp_path):
   out = run_cli("eval.py", f"--workdir={wd}", f"--json={tmp_path / 'e.json'}")  # restores lambda too
   assert out.returncode == 0, out.stderr
   assert json.load(open(tmp_path / "e.json"))["accuracy"] == pytest.approx(r["accuracy"])
+
+
+@pytest.mark.parametrize("a_bits", [0, 3])
+def test_pins_fix_weight_and_activation_bits(a_bits):
+  import ml_collections
+  from mpq.allocate import workflow
+  mc = ml_collections.ConfigDict({"bit_choices": (2, 3, 4, 8), "a_bits": a_bits,
+                                  "pins": (("conv1|head", 8),), "activation_bits_max": 0})
+  choices = workflow.choices_of(mc)
+  paths = ["conv1", "conv2", "fc1", "head"]
+  allowed = workflow.allowed_mask(paths, choices, mc)
+  picks = {p: {choices[j] for j in np.flatnonzero(allowed[i])} for i, p in enumerate(paths)}
+  if a_bits:
+    assert choices == [(2, 3), (3, 3), (4, 3), (8, 3), (8, 8)]
+    assert picks["conv1"] == picks["head"] == {(8, 8)}
+    assert picks["conv2"] == picks["fc1"] == {(2, 3), (3, 3), (4, 3), (8, 3)}
+  else:
+    assert choices == [(2, 2), (3, 3), (4, 4), (8, 8)]
+    assert picks["conv1"] == picks["head"] == {(8, 8)}
+    assert picks["fc1"] == set(choices)

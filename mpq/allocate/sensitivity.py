@@ -40,7 +40,7 @@ def hutchinson_traces(loss_fn: Callable, params, groups: Sequence[Callable[[str]
     params: a pytree.
     groups: predicates on a leaf's key path string (`jax.tree_util.keystr`); group j's trace sums
       the diagonal blocks of the leaves it selects.
-    key: PRNG key; rel_tol/min_probes/max_probes: the stopping rule; chunk: probes per compiled call.
+    key: PRNG key; rel_tol/min_probes/max_probes: the stopping rule; chunk: probes between checks.
   Returns:
     {"trace": [G], "stderr": [G], "probes": int}
   """
@@ -52,21 +52,21 @@ def hutchinson_traces(loss_fn: Callable, params, groups: Sequence[Callable[[str]
     raise ValueError(f"groups {empty} select no parameter; parameter paths: {names[:8]}...")
   grad_fn = jax.grad(loss_fn)
 
+  # One compiled probe called from Python: the same probes under `lax.map` (an XLA while loop)
+  # ran 20x slower on XLA CPU (53 s against 2.5 s for 4 probes of the cnn on 256 examples).
   @jax.jit
-  def probes(params, keys):
-    def one(k):
-      ks = jax.random.split(k, len(leaves))
-      v = [jax.random.rademacher(kk, jnp.shape(x), jnp.float32) for kk, (_, x) in zip(ks, leaves)]
-      v_tree = jax.tree_util.tree_unflatten(treedef, v)
-      _, hv = jax.jvp(grad_fn, (params,), (v_tree,))
-      per_leaf = jnp.stack([jnp.sum(a * b) for a, b in zip(v, jax.tree_util.tree_leaves(hv))])
-      return jnp.asarray(member) @ per_leaf
-    return jax.lax.map(one, keys)
+  def probe(params, k):
+    ks = jax.random.split(k, len(leaves))
+    v = [jax.random.rademacher(kk, jnp.shape(x), jnp.float32) for kk, (_, x) in zip(ks, leaves)]
+    v_tree = jax.tree_util.tree_unflatten(treedef, v)
+    _, hv = jax.jvp(grad_fn, (params,), (v_tree,))
+    per_leaf = jnp.stack([jnp.sum(a * b) for a, b in zip(v, jax.tree_util.tree_leaves(hv))])
+    return jnp.asarray(member) @ per_leaf
 
   samples = []
   while True:
     key, sub = jax.random.split(key)
-    samples.append(np.asarray(probes(params, jax.random.split(sub, chunk))))
+    samples.append(np.stack([np.asarray(probe(params, k)) for k in jax.random.split(sub, chunk)]))
     x = np.concatenate(samples)
     n = len(x)
     mean = x.mean(axis=0)

@@ -3,7 +3,7 @@
 Called by the training loop before QAT starts (not on resume: the bits then come from the
 checkpoint). The allocated layers are the dense and conv layers; additions keep their `quant`
 rule/default bits. A choice is a (w_bits, a_bits) pair: `(b, b)` for every b in `mixed.bit_choices`,
-or `(b, mixed.a_bits)` when `mixed.a_bits > 0` (weights only).
+or `(b, mixed.a_bits)` when `mixed.a_bits > 0` (weights only; a pinned layer then takes `(p, p)`).
 """
 
 from __future__ import annotations
@@ -27,15 +27,24 @@ BUDGETS = ("weight_bits_avg", "bops_ratio", "activation_bits_max", "latency")
 
 
 def choices_of(mc) -> list[tuple[int, int]]:
+  """The (w_bits, a_bits) columns; with `mixed.a_bits > 0`, pinned layers get extra `(p, p)`
+  columns, so a pin fixes both a layer's weight and activation bits."""
   bits = [int(b) for b in mc.bit_choices]
-  return [(b, int(mc.a_bits) if mc.a_bits else b) for b in bits]
+  if not mc.a_bits:
+    return [(b, b) for b in bits]
+  cols = [(b, int(mc.a_bits)) for b in bits]
+  for _, p in mc.pins:
+    if (int(p), int(p)) not in cols:
+      cols.append((int(p), int(p)))
+  return cols
 
 
 def allowed_mask(paths, choices, mc) -> np.ndarray:
   """[layers, choices] bool from `mixed.pins` (regex -> bits, first match wins) and
   `mixed.activation_bits_max`; a pin that matches no layer is an error."""
-  allowed = np.ones((len(paths), len(choices)), bool)
-  bits = [c[0] for c in choices]
+  regular = np.asarray([not mc.a_bits or c[1] == int(mc.a_bits) for c in choices])
+  allowed = np.ones((len(paths), len(choices)), bool) & regular[None]
+  bits = [int(b) for b in mc.bit_choices]
   used = [False] * len(mc.pins)
   for i, p in enumerate(paths):
     for j, (pattern, b) in enumerate(mc.pins):
@@ -43,7 +52,7 @@ def allowed_mask(paths, choices, mc) -> np.ndarray:
         if int(b) not in bits:
           raise UserError(f"mixed.pins[{j}] pins {pattern!r} to {b} bits, which is not among "
                           f"mixed.bit_choices={bits}")
-        allowed[i] = [c[0] == int(b) for c in choices]
+        allowed[i] = [c == (int(b), int(b)) if mc.a_bits else c[0] == int(b) for c in choices]
         used[j] = True
         break
   for j, u in enumerate(used):
