@@ -26,7 +26,8 @@ demo: setup
 	  --config.num_epochs=$(DEMO_EPOCHS) --config.warmup_steps=50 --config.augment=none \
 	  --config.weight_decay=5e-4
 	$(PY) eval.py --workdir=$(DEMO_DIR) --json=$(DEMO_DIR)/eval.json
-	$(PY) eval.py --workdir=$(DEMO_DIR) --ptq --w_bits=8 --a_bits=8 --json=$(DEMO_DIR)/eval_ptq_w8a8.json
+	$(PY) eval.py --workdir=$(DEMO_DIR) --ptq --w_bits=8 --a_bits=8 --mode=int \
+	  --export=$(DEMO_DIR)/int_w8a8 --json=$(DEMO_DIR)/eval_int_w8a8.json
 
 test: setup
 	@$(PY) -m pytest -x -n 2 --durations=12 tests

@@ -2,6 +2,8 @@
 
   python eval.py --workdir=DIR [--step=N | --which=best] [--json=PATH] [--mode=float|fake_quant]
   python eval.py --workdir=FLOAT_DIR --ptq [--w_bits=8 --a_bits=8 --calib_act=percentile]
+  python eval.py --workdir=QAT_DIR --mode=int [--export=OUT] [--compare]   (or FLOAT_DIR --ptq)
+  python eval.py --model=OUT --mode=int                        (an exported model alone)
 """
 
 import json
@@ -51,11 +53,8 @@ def main(argv):
     raise UserError("--workdir is required: the directory of a training run")
   from mpq.train import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
   overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else None
-  ptq = None
-  if FLAGS.ptq:
-    ptq = {"w_bits": FLAGS.w_bits, "a_bits": FLAGS.a_bits, "calib_act": FLAGS.calib_act,
-           "calib_weight": FLAGS.calib_weight, "estimator": "lsq"}
-  r = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.which, overrides, FLAGS.mode, ptq)
+  r = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.which, overrides, FLAGS.mode,
+                          _ptq(FLAGS))
   print(table([("workdir", FLAGS.workdir), ("step", r["step"]), ("mode", r["mode"]),
                ("model", r["config"]["model"]), ("dataset", r["config"]["dataset"]),
                ("examples", r["num_examples"]), ("accuracy", f"{100 * r['accuracy']:.2f}%"),
@@ -70,6 +69,14 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
     with open(FLAGS.json, "w", encoding="utf-8") as f:
       json.dump(r, f, indent=2)
+
+
+def _ptq(F):
+  """The `config.quant` overrides of --ptq, or None."""
+  if not F.ptq:
+    return None
+  return {"w_bits": F.w_bits, "a_bits": F.a_bits, "calib_act": F.calib_act,
+          "calib_weight": F.calib_weight, "estimator": "lsq"}
 
 
 def _integer(F):
@@ -93,14 +100,15 @@ def _integer(F):
     if not F.workdir:
       raise UserError("--workdir is required: the directory of a QAT training run")
     overrides = {"data_dir": F.data_dir} if F.data_dir else None
-    fq_model, config, data, step = load_model(F.workdir, F.step, F.which, overrides)
+    fq_model, config, data, step = load_model(F.workdir, F.step, F.which, overrides, _ptq(F))
     if not config.quant.enabled:
-      raise UserError(f"{F.workdir} holds a float model; integer export needs a QAT checkpoint")
+      raise UserError(f"{F.workdir} holds a float model; integer export needs a QAT checkpoint, "
+                      "or --ptq to calibrate this one")
     model_dir = F.export or tempfile.mkdtemp(prefix="mpq_int_")
     export.export(fq_model, data.image_shape, model_dir,
                   {"dataset": config.dataset, "data_dir": config.data_dir,
                    "num_test_examples": config.num_test_examples, "model": config.model,
-                   "workdir": os.path.abspath(F.workdir), "step": step})
+                   "workdir": os.path.abspath(F.workdir), "step": step, "ptq": _ptq(F)})
     manifest, tensors = export.load(model_dir)
     result["step"] = step
     print(f"exported the integer model to {model_dir}")
@@ -115,8 +123,14 @@ def _integer(F):
   if F.mode == "int" or F.model:
     r = evaluate_int(manifest, tensors, data, fq_model=fq_model)
     result.update(r, model=model_dir)
-    rows = [("model", model_dir), ("mode", "int"), ("examples", r["num_examples"]),
-            ("accuracy", f"{100 * r['accuracy']:.2f}%"), ("loss", f"{r['loss']:.4f}")]
+    rows = [("model", model_dir), ("mode", "int"), ("examples", r["num_examples"])]
+    if fq_model is not None:  # float, fake-quant and integer accuracy side by side
+      from mpq.train import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
+      fl = evaluate_checkpoint(F.workdir, F.step, F.which, overrides, "float")
+      result["float_accuracy"] = fl["accuracy"]
+      rows += [("float accuracy", f"{100 * fl['accuracy']:.2f}%"),
+               ("fake-quant acc.", f"{100 * r['fake_quant_accuracy']:.2f}%")]
+    rows += [("int accuracy", f"{100 * r['accuracy']:.2f}%"), ("int loss", f"{r['loss']:.4f}")]
     if "agreement_with_fake_quant" in r:
       rows += [("agreement", f"{100 * r['agreement_with_fake_quant']:.2f}%"),
                ("max logit diff", f"{r['max_logit_lsb_diff']:.1f} LSB")]

@@ -40,6 +40,19 @@ def budget_avg(b: int, weights: dict) -> float:
   return sum(n * (8 if re.fullmatch(PIN, p) else b) for p, n in weights.items()) / total
 
 
+def arm_config(args, b: int, how, avg: float, fp_dir: str):
+  """The QAT config of one arm: uniform W b A b (`how` None) or (sensitivity, solver) allocation
+  of the weight bits under the average `avg`, activations at b bits."""
+  c = accuracy.qat_config(args, b, "lsq")
+  c.init_from = fp_dir
+  if how is not None:
+    c.mixed.enabled, c.mixed.weight_bits_avg = True, avg
+    c.mixed.sensitivity, c.mixed.solver = how
+    c.mixed.a_bits = b  # activations as in the uniform arm: only weight bits are allocated
+    c.mixed.pins = ((PIN, 8),)  # W8A8, as the uniform arm's rules
+  return c
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "bench_mixed"))
@@ -60,13 +73,7 @@ def main():
     arms = {f"uniform_w{b}": None, "greedy_hessian": ("hessian", "greedy"),
             "ilp_hessian": ("hessian", "ilp"), "ilp_measured": ("measured", "ilp")}
     for arm, how in arms.items():
-      c = accuracy.qat_config(args, b, "lsq")
-      c.init_from = fp_dir
-      if how is not None:
-        c.mixed.enabled, c.mixed.weight_bits_avg = True, avg
-        c.mixed.sensitivity, c.mixed.solver = how
-        c.mixed.a_bits = b  # activations as in the uniform arm: only weight bits are allocated
-        c.mixed.pins = ((PIN, 8),)  # W8A8, as the uniform arm's rules
+      c = arm_config(args, b, how, avg, fp_dir)
       name = arm if how is None else f"{arm}_b{b}"
       t1 = time.time()
       pt = pareto.run_point(c, os.path.join(args.workdir, name))

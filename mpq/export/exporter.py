@@ -232,6 +232,7 @@ class _Lowering:
                      "weight": f"{name}/weight", "weight_shape": list(w_int.shape),
                      "w_bits": g_w["bits"], "bias": f"{name}/bias",
                      "input_zero_point": int(g_in["zero_point"][0]), "a_bits": g_in["bits"],
+                     "input_range": [g_in["qmin"], g_in["qmax"]],
                      "input_scale": s_in, "weight_scale": [float(v) for v in s_w]})
     x_max = max(abs(g_in["qmin"] - g_in["zero_point"][0]), abs(g_in["qmax"] - g_in["zero_point"][0]))
     k = int(np.prod(w_int.shape[:-1]))  # products summed per output (conv: kh kw cin/groups)
@@ -326,6 +327,10 @@ def load(model_dir: str) -> tuple[dict, dict]:
       b = raw[op["bias"]]
       _need(op, "bias", b.dtype == np.int32 and b.shape == (shape[-1],),
             f"must be int32 of shape ({shape[-1]},)")
+      rng = op.get("input_range")
+      _need(op, "input_range", isinstance(rng, list) and len(rng) == 2
+            and all(isinstance(v, int) for v in rng) and rng[0] < rng[1]
+            and rng[1] - rng[0] < 2 ** op["a_bits"], f"must be [qmin, qmax] of an {op['a_bits']}-bit grid")
       if kind == "conv2d":
         _need(op, "weight_shape", len(shape) == 4, "must be [kh, kw, cin/groups, cout]")
       else:

@@ -22,6 +22,40 @@ def _max_pool(x, w):
   return x[:, :h * w, :wd * w].reshape(b, h, w, wd, w, c).max(axis=(2, 4))
 
 
+def _matmul_op(op, x, t):
+  """conv2d / dense: `sum (x - z_in) w + bias` accumulated in int32.
+
+  When the weights have at most 8 bits and the input grid spans at most 256 values, the operands
+  go in as int8 (XLA CPU runs int8 x int8 -> int32 convolutions through oneDNN, about 60x faster
+  than int32 ones): `x - z_in = u + off` with `u = x - qmin - 128` in [-128, 127] and
+  `off = qmin + 128 - z_in`, so the sum is `sum u w + off * sum_valid w`, the second term a
+  convolution of ones (zero padding included) computed on one image. Exact: every term is an
+  integer and the accumulation is int32 either way."""
+  w = t[op["weight"]]
+  conv = op["op"] == "conv2d"
+  if not conv:
+    x = x.reshape(x.shape[0], -1)
+
+  def apply(a, b):
+    if conv:
+      return jax.lax.conv_general_dilated(
+          a, b, tuple(op["stride"]), op["padding"], feature_group_count=op["groups"],
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.int32)
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+  z = int(op["input_zero_point"])
+  qmin, qmax = op.get("input_range", (None, None))
+  if op["w_bits"] <= 8 and qmin is not None and qmax - qmin <= 255:
+    w8 = jnp.asarray(w, jnp.int8)
+    acc = apply((x - jnp.int32(qmin + 128)).astype(jnp.int8), w8)
+    off = qmin + 128 - z
+    if off:
+      acc = acc + jnp.int32(off) * apply(jnp.ones((1, *x.shape[1:]), jnp.int8), w8)
+  else:
+    acc = apply(x - jnp.int32(z), jnp.asarray(w, jnp.int32))
+  return acc + jnp.asarray(t[op["bias"]], jnp.int32)
+
+
 def _integer_op(op, env, t):
   kind = op["op"]
   if kind == "add":  # TFLite ADD: inputs shifted left, rescaled to a common scale, summed
@@ -32,18 +66,8 @@ def _integer_op(op, env, t):
       acc = acc + multiply_by_quantized_multiplier(xi, jnp.int32(m0), jnp.int32(sh))
     return acc
   x = env[op["input"]]
-  if kind == "conv2d":
-    xi = x - jnp.int32(op["input_zero_point"])
-    acc = jax.lax.conv_general_dilated(
-        xi, jnp.asarray(t[op["weight"]], jnp.int32), tuple(op["stride"]), op["padding"],
-        feature_group_count=op["groups"], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=jnp.int32)
-    return acc + jnp.asarray(t[op["bias"]], jnp.int32)
-  if kind == "dense":
-    xi = x.reshape(x.shape[0], -1) - jnp.int32(op["input_zero_point"])
-    acc = jax.lax.dot_general(xi, jnp.asarray(t[op["weight"]], jnp.int32), (((1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    return acc + jnp.asarray(t[op["bias"]], jnp.int32)
+  if kind in ("conv2d", "dense"):
+    return _matmul_op(op, x, t)
   if kind == "requantize":
     y = multiply_by_quantized_multiplier(x, jnp.asarray(t[op["multiplier"]], jnp.int32),
                                          jnp.asarray(t[op["shift"]], jnp.int32))

@@ -333,23 +333,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   if mode == "fake_quant" and not config.quant.enabled and not ptq:
     raise UserError(f"{workdir} holds a float model; evaluate it with --mode=float, or quantize it "
                     "with --ptq")
-  ckpt_step = meta["step"]
-  if ptq:  # a float checkpoint evaluated through a calibrated quantized model
-    if config.quant.enabled:
-      raise UserError(f"{workdir} already holds a quantized model; --ptq takes a float checkpoint")
-    config.quant.enabled = True
-    for k, v in (ptq if isinstance(ptq, dict) else {}).items():
-      config.quant[k] = v
-    config_lib.validate(config)
-  model, qtable = build_model(config, data, bypass=mode == "float" and config.quant.enabled)
-  graphdef, state = _eval_state(config, model)
-  if ptq:
-    restored, meta = ckpt_lib.restore_subset(directory, ckpt_step, {"params": state.params,
-                                                                     "rest": state.rest})
-    state = calibrate_state(config, data, graphdef,
-                            state._replace(params=restored["params"], rest=restored["rest"]))
-  else:
-    state, meta = ckpt_lib.restore(directory, ckpt_step, state)
+  graphdef, state, meta, qtable = _restored(workdir, config, data, directory, meta["step"], ptq,
+                                            bypass=mode == "float" and config.quant.enabled)
   state = jax.device_put(state, parallel.replicated(mesh))
   eval_step = jax.jit(make_eval_step(graphdef))
   t0 = time.time()
@@ -363,13 +348,35 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
 
 
 
-def load_model(workdir: str, step: int | None = None, which: str = "latest",
-               overrides: dict | None = None):
-  """(model in eval form, config, dataset, step) restored from a checkpoint of `workdir`."""
-  directory, meta, config, data = _checkpoint_config(workdir, step, which, overrides)
-  model, _ = build_model(config, data)
+def _restored(workdir, config, data, directory, step, ptq, bypass=False):
+  """(graphdef, eval state, meta, quant table) of a checkpoint; with `ptq` (a dict of
+  `config.quant` overrides, or True) a float checkpoint is restored into a quantized model and
+  calibrated on training batches (post-training quantization). Mutates `config` for `ptq`."""
+  if ptq:
+    if config.quant.enabled:
+      raise UserError(f"{workdir} already holds a quantized model; --ptq takes a float checkpoint")
+    config.quant.enabled = True
+    for k, v in (ptq if isinstance(ptq, dict) else {}).items():
+      config.quant[k] = v
+    config_lib.validate(config)
+  model, qtable = build_model(config, data, bypass=bypass)
   graphdef, state = _eval_state(config, model)
-  state, meta = ckpt_lib.restore(directory, meta["step"], state)
+  if ptq:
+    restored, meta = ckpt_lib.restore_subset(directory, step, {"params": state.params,
+                                                               "rest": state.rest})
+    state = calibrate_state(config, data, graphdef,
+                            state._replace(params=restored["params"], rest=restored["rest"]))
+  else:
+    state, meta = ckpt_lib.restore(directory, step, state)
+  return graphdef, state, meta, qtable
+
+
+def load_model(workdir: str, step: int | None = None, which: str = "latest",
+               overrides: dict | None = None, ptq=None):
+  """(model in eval form, config, dataset, step) restored from a checkpoint of `workdir`; `ptq` as
+  for `evaluate_checkpoint` (a calibrated quantized model from a float checkpoint)."""
+  directory, meta, config, data = _checkpoint_config(workdir, step, which, overrides)
+  graphdef, state, meta, _ = _restored(workdir, config, data, directory, meta["step"], ptq)
   return nnx.merge(graphdef, state.params, state.rest), config, data, int(meta["step"])
 
 
