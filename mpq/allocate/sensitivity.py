@@ -107,13 +107,17 @@ def _quantizers(model) -> list[tuple[str, object]]:
 
 
 def measured_sensitivity(model: nnx.Module, layers: Sequence[str], choices: Sequence[tuple[int, int]],
-                         images, labels, batch_size: int = 256) -> tuple[np.ndarray, float]:
+                         images, labels, batch_size: int = 256,
+                         batched: bool = True) -> tuple[np.ndarray, float]:
   """[layers, choices] loss increases, and the all-16-bit reference loss.
 
   `model` is a quantized model whose quantizers all use the `dbits` estimator (`amax` and `bits`
   are plain arrays), initialised and calibrated. Weight ranges are re-calibrated (per channel, MSE)
   for every candidate bitwidth; activation ranges keep their calibration. `layers`: the layer paths
   to score; `images`/`labels`: the calibration set (a multiple of `batch_size` is used).
+  `batched`: map over all configurations inside one compiled function (`lax.map`); else call one
+  compiled configuration from Python per configuration. Either way bits are traced inputs, so
+  there is one compilation, not one per configuration (benchmarks/speed.py times both).
   """
   from mpq.train.state import cross_entropy  # pylint: disable=g-import-not-at-top
 
@@ -150,19 +154,22 @@ def measured_sensitivity(model: nnx.Module, layers: Sequence[str], choices: Sequ
   ys = jnp.asarray(labels[:n]).reshape(-1, bs)
   graphdef, state = nnx.split(model)
 
-  @jax.jit
-  def run(state, bits_all, amax_all):
-    def one(cfg):
-      bits, amaxes = cfg
-      m = nnx.merge(graphdef, state, copy=True)
-      mq = [q for _, q in _quantizers(m)]
-      for i, q in enumerate(mq):
-        q.bits.value = bits[i]
-      for k, i in enumerate(w_idx):
-        mq[i].amax.value = amaxes[k]
-      return jnp.mean(jax.lax.map(
-          lambda xy: jnp.mean(cross_entropy(m(xy[0], train=False), xy[1])), (xs, ys)))
-    return jax.lax.map(one, (bits_all, amax_all))
+  def one(state, cfg):
+    bits, amaxes = cfg
+    m = nnx.merge(graphdef, state, copy=True)
+    mq = [q for _, q in _quantizers(m)]
+    for i, q in enumerate(mq):
+      q.bits.value = bits[i]
+    for k, i in enumerate(w_idx):
+      mq[i].amax.value = amaxes[k]
+    return jnp.mean(jax.lax.map(
+        lambda xy: jnp.mean(cross_entropy(m(xy[0], train=False), xy[1])), (xs, ys)))
 
-  losses = np.asarray(run(state, bits_all, amax_all))
+  if batched:  # all configurations inside one compiled loop
+    run = jax.jit(lambda state, cfgs: jax.lax.map(lambda c: one(state, c), cfgs))
+    losses = np.asarray(run(state, (bits_all, amax_all)))
+  else:  # one compiled configuration, called per configuration (bits are data: no recompiles)
+    run = jax.jit(one)
+    losses = np.asarray([run(state, (bits_all[j], [a[j] for a in amax_all]))
+                         for j in range(len(cfgs))])
   return losses[1:].reshape(len(layers), len(choices)) - losses[0], float(losses[0])
