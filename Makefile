@@ -32,11 +32,14 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -x -n 2 --durations=12 tests
 
-# All benchmarks (about 90 minutes on 2 CPU cores), then the README tables from their JSON.
+# All benchmarks (about 3 hours on 2 CPU cores from nothing; finished runs are reused), then the
+# README tables from their JSON. integer.py uses the accuracy and mixed benchmarks' checkpoints.
 bench: setup
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/mixed.py
+	$(PY) benchmarks/integer.py
+	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/report.py
 
 clean:

@@ -11,7 +11,8 @@ Rows (Fashion-MNIST test split, 10,000 images):
   cnn_mixed                      the mixed benchmark's `ilp_measured_b3` (3-bit weight budget)
   resnet20_w8a8/w4a4/w2a2        QAT for --resnet_qat_steps from the float ResNet-20
                                  (`configs/fmnist_resnet20.py`, trained into --resnet_float if
-                                 missing), stem and head at 8 bits, SGD at --resnet_qat_lr
+                                 missing), stem and head at 8 bits, residual additions' inputs
+                                 at 8 bits, SGD at --resnet_qat_lr
   resnet20_mixed                 the same with mixed.method=ilp (measured sensitivity), weights at
                                  an average of 3 bits, activations at 4
 Each row: fake-quant accuracy, integer accuracy, top-1 agreement, the largest logit difference in
@@ -73,6 +74,8 @@ def row_workdir(name: str, args) -> str:
     return os.path.join(args.accuracy_workdir, f"qat_{what}")
   fp = resnet_float(args)
   c = pareto.qat_config(fp, 1.0, args.resnet_qat_lr, RESNET_PIN)
+  # residual additions keep 8-bit inputs (at 2 bits every block's sum collapses the signal)
+  c.quant.rules = tuple(c.quant.rules) + ((r".*/add", {"a_bits": 8}),)
   c.num_train_steps, c.warmup_steps = args.resnet_qat_steps, max(1, args.resnet_qat_steps // 5)
   if what == "mixed":
     c.quant.w_bits = c.quant.a_bits = 4
@@ -208,10 +211,19 @@ def main():
          "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
          "command": ("python benchmarks/integer.py " + " ".join(sys.argv[1:])).strip(),
          "seconds": round(time.time() - t0, 1)}
+  for r in rows + speeds:
+    r["command"] = out["command"]
+  if os.path.exists(args.out):  # keep rows of earlier runs that this run did not redo
+    with open(args.out, encoding="utf-8") as f:
+      old = json.load(f)
+    for key in ("rows", "speed"):
+      done = {r["name"] for r in out[key]}
+      out[key] = [r for r in old.get(key, []) if r["name"] not in done] + out[key]
+    out["rows"].sort(key=lambda r: ROWS.index(r["name"]))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(out, f, indent=2)
-  print(table(rows, speeds))
+  print(table(out["rows"], out["speed"]))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
@@ -47,7 +49,21 @@ def mixed_table(r: dict) -> str:
   return "\n".join(lines)
 
 
-TABLES = {"accuracy": accuracy_table, "mixed": mixed_table}
+def integer_table(r: dict) -> str:
+  from benchmarks import integer  # pylint: disable=g-import-not-at-top
+  return (f"Fashion-MNIST test split (10,000 images), {r['device']}; produced by `{r['command']}`.\n\n"
+          + integer.table(r["rows"], r.get("speed", [])))
+
+
+def speed_table(r: dict) -> str:
+  from benchmarks import speed  # pylint: disable=g-import-not-at-top
+  cmds = sorted({row.get("command", r["command"]) for row in r["rows"]})
+  return (f"{r['device']}; produced by " + ", ".join(f"`{c}`" for c in cmds) + ". Each ratio is a/b of two medians "
+          "measured in one process (alternating calls after warm-up).\n\n" + speed.table(r["rows"]))
+
+
+TABLES = {"accuracy": accuracy_table, "mixed": mixed_table, "integer": integer_table,
+          "speed": speed_table}
 
 
 def main():

@@ -228,7 +228,7 @@ def sensitivity_rows(repeats: int) -> list[dict]:
 
 
 _MEM_CHILD = """
-import resource, sys, jax
+import sys, jax
 sys.path.insert(0, {root!r})
 from benchmarks import speed
 from mpq import data as data_lib
@@ -238,7 +238,8 @@ batch = jax.device_put(speed._batch(data, 128))
 for _ in range(30):
   state, m = f(state, batch)
 jax.block_until_ready(m)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark across exec
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
 
 
@@ -285,8 +286,11 @@ def main():
   for n in names:
     print(f"== {n}", flush=True)
     rows += ROWS[n](args.repeats)
+  cmd = ("python benchmarks/speed.py " + " ".join(sys.argv[1:])).strip()
+  for r in rows:
+    r["command"] = cmd
   out = {"rows": rows, "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
-         "command": ("python benchmarks/speed.py " + " ".join(sys.argv[1:])).strip(),
+         "command": cmd,
          "seconds": round(time.time() - t0, 1)}
   if os.path.exists(args.out):  # keep rows of earlier runs that this run did not redo
     with open(args.out, encoding="utf-8") as f:

@@ -13,13 +13,12 @@ Quantized forms (what the integer exporter reproduces):
                   output), then BatchNorm with batch statistics of y_raw, updating the EMA; this is
                   Jacob et al.'s correction `sigma_ema / sigma_batch` applied with one convolution.
   Evaluation (both layers) sums the products on the integer grids and rounds the bias to the int32
-  grid `s_in * s_w` (`_evaluate`, `integer_form`): it computes what the exported integer model computes.
+  grid `s_in * s_w` (`_evaluate`, `integer_form`): it computes what the exported model computes.
   QuantAdd      `y = Q_a(a) + Q_b(b)`: both inputs on their own signed grids, summed; in integer
-                form each input is rescaled to the next quantizer's grid and added (not lowered by
-                the exporter yet).
+                form both inputs are rescaled to a common fine grid and added (TFLite's ADD).
   pooling       float layers: max pooling commutes with the monotone quantizer that follows it
                 (exported on the integers); global average pooling is an integer sum rescaled
-                into the next layer's input grid, whose quantizer rounds (not lowered yet).
+                into the next layer's input grid, whose quantizer rounds.
 """
 
 from __future__ import annotations
