@@ -28,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import fmnist_cnn  # noqa: E402  pylint: disable=g-import-not-at-top
 from mpq.train import evaluate_checkpoint, train_and_evaluate  # noqa: E402
 
@@ -133,10 +134,7 @@ def main():
   add_recipe_args(p)
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accuracy.json"))
   args = p.parse_args()
-  names = [n for n in args.rows.split(",") if n]
-  unknown = [n for n in names if n not in ROWS + ABLATIONS]
-  if unknown:
-    sys.exit(f"error: unknown rows {unknown}; choose from {ROWS + ABLATIONS}")
+  names = cli.select_rows(args.rows, ROWS + ABLATIONS)
   t0 = time.time()
   rows = []
   for n in ["fp32"] + [n for n in names if n != "fp32"]:

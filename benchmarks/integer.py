@@ -37,7 +37,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import accuracy, mixed  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import accuracy, cli, mixed  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROWS = ([f"cnn_w{b}a{b}" for b in (8, 4, 2)] + ["cnn_mixed"]
         + [f"resnet20_w{b}a{b}" for b in (8, 4, 2)] + ["resnet20_mixed"])
@@ -186,10 +186,7 @@ def main():
   accuracy.add_recipe_args(p)
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "integer.json"))
   args = p.parse_args()
-  names = [n for n in args.rows.split(",") if n]
-  unknown = [n for n in names if n not in ROWS]
-  if unknown:
-    sys.exit(f"error: unknown rows {unknown}; choose from {ROWS}")
+  names = cli.select_rows(args.rows, ROWS)
   t0 = time.time()
   rows, speeds = [], []
   for name in names:

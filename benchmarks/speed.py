@@ -35,6 +35,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+
 ESTIMATORS = ("lsq", "ste", "tqt", "noise", "dbits")
 TARGETS = {("cnn", "lsq"): 1.10, ("resnet20", "lsq"): 1.15}
 
@@ -276,10 +278,7 @@ def main():
   p.add_argument("--repeats", type=int, default=8)
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
   args = p.parse_args()
-  names = [n for n in args.rows.split(",") if n]
-  unknown = [n for n in names if n not in ROWS]
-  if unknown:
-    sys.exit(f"error: unknown rows {unknown}; choose from {list(ROWS)}")
+  names = cli.select_rows(args.rows, ROWS)
   import jax  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   rows = []
