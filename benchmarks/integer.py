@@ -60,11 +60,7 @@ def row_workdir(name: str, args) -> str:
     acc_args = argparse.Namespace(**{**vars(args), "workdir": args.accuracy_workdir})
     accuracy.run_row("fp32", acc_args)
     if what == "mixed":
-      from mpq import data as data_lib, models  # pylint: disable=g-import-not-at-top
-      c0 = accuracy.float_config(acc_args)
-      data = data_lib.load(c0.dataset, None, 1, 1)
-      fm = models.build(c0.model, data.num_classes, data.image_shape)
-      weights = {k: v["weights"] for k, v in models.layer_costs(fm, data.image_shape).items()}
+      weights = mixed.layer_weights(acc_args)
       fp_dir = os.path.join(args.accuracy_workdir, "fp32")
       c = mixed.arm_config(acc_args, 3, ("measured", "ilp"), mixed.budget_avg(3, weights), fp_dir)
       wd = os.path.join(args.mixed_workdir, "ilp_measured_b3")
@@ -100,7 +96,7 @@ def float_bytes(model) -> int:
   return 4 * sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state))
 
 
-def evaluate_row(name: str, wd: str, args) -> tuple[dict, tuple]:
+def evaluate_row(name: str, wd: str) -> tuple[dict, tuple]:
   from mpq import export, models  # pylint: disable=g-import-not-at-top
   from mpq.export.evaluate import evaluate_int  # pylint: disable=g-import-not-at-top
   from mpq.train.loop import load_model  # pylint: disable=g-import-not-at-top
@@ -192,7 +188,7 @@ def main():
   for name in names:
     print(f"== {name}", flush=True)
     t1 = time.time()
-    row, exported = evaluate_row(name, row_workdir(name, args), args)
+    row, exported = evaluate_row(name, row_workdir(name, args))
     row["seconds"] = round(time.time() - t1, 1)
     rows.append(row)
     print(f"== {name}: fake-quant {row['fake_quant_accuracy']:.2f}%, int {row['int_accuracy']:.2f}%,"

@@ -40,6 +40,14 @@ def budget_avg(b: int, weights: dict) -> float:
   return sum(n * (8 if re.fullmatch(PIN, p) else b) for p, n in weights.items()) / total
 
 
+def layer_weights(args) -> dict:
+  """Kernel elements per dense/conv layer of the benchmark's float model."""
+  c0 = accuracy.float_config(args)
+  data = data_lib.load(c0.dataset, None, 1, 1)
+  fm = models.build(c0.model, data.num_classes, data.image_shape)
+  return {k: v["weights"] for k, v in models.layer_costs(fm, data.image_shape).items()}
+
+
 def arm_config(args, b: int, how, avg: float, fp_dir: str):
   """The QAT config of one arm: uniform W b A b (`how` None) or (sensitivity, solver) allocation
   of the weight bits under the average `avg`, activations at b bits."""
@@ -63,10 +71,7 @@ def main():
   t0 = time.time()
   fp_dir = os.path.join(args.workdir, "fp32")
   fp = train_and_evaluate(accuracy.float_config(args), fp_dir, progress=False)
-  c0 = accuracy.float_config(args)
-  data = data_lib.load(c0.dataset, None, 1, 1)
-  fm = models.build(c0.model, data.num_classes, data.image_shape)
-  weights = {k: v["weights"] for k, v in models.layer_costs(fm, data.image_shape).items()}
+  weights = layer_weights(args)
   rows, points = [], []
   for b in [int(x) for x in args.budgets.split(",")]:
     avg = budget_avg(b, weights)

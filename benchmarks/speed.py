@@ -51,7 +51,7 @@ def _config(model: str, estimator: str | None, batch: int = 128):
 
 
 def _step_fn(config, data):
-  """(jitted train step, state) for `config` (no calibration: timing only)."""
+  """(jitted train step, state, graphdef) for `config` (no calibration: timing only)."""
   import jax  # pylint: disable=g-import-not-at-top
   from mpq.train import optim  # pylint: disable=g-import-not-at-top
   from mpq.train.loop import _with_method_state, build_model  # pylint: disable=g-import-not-at-top
@@ -60,7 +60,7 @@ def _step_fn(config, data):
   tx = optim.build(config, 1000)
   graphdef, state = init_state(model, tx)
   state = _with_method_state(config, state)
-  return jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,)), state
+  return jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,)), state, graphdef
 
 
 def _batch(data, n: int):
@@ -90,14 +90,14 @@ def step_rows(repeats: int) -> list[dict]:
     steps = {"float": _step_fn(_config(model, None), data)}
     for e in ESTIMATORS:
       steps[e] = _step_fn(_config(model, e), data)
-    states = {k: s for k, (_, s) in steps.items()}
+    states = {k: s for k, (_, s, _) in steps.items()}
     times = {k: [] for k in steps}
-    for k, (f, _) in steps.items():
+    for k, (f, _, _) in steps.items():
       for _ in range(3):
         states[k], m = f(states[k], batch)
         jax.block_until_ready(m)
     for _ in range(repeats):
-      for k, (f, _) in steps.items():
+      for k, (f, _, _) in steps.items():
         t = time.perf_counter()
         states[k], m = f(states[k], batch)
         jax.block_until_ready((states[k], m))
@@ -119,9 +119,8 @@ def compile_rows() -> list[dict]:
   from mpq.quant import model as quant_model  # pylint: disable=g-import-not-at-top
   data = data_lib.load("fashion_mnist", None, None, 1000)
   c = _config("cnn", "lsq")
-  f, state = _step_fn(c, data)
+  f, state, graphdef = _step_fn(c, data)
   batch = jax.device_put(_batch(data, 128))
-  graphdef = _step_graphdef(c, data)
   state, m = f(state, batch)
   jax.block_until_ready(m)
   before = compile_count()
@@ -141,19 +140,12 @@ def compile_rows() -> list[dict]:
            "ratio": None, "target": "== 0", "meets": n == 0}]
 
 
-def _step_graphdef(config, data):
-  from mpq.train.loop import build_model  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  model, _ = build_model(config, data)
-  return nnx.split(model, nnx.Param, ...)[0]
-
-
 def pipeline_rows(repeats: int) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   from mpq import data as data_lib  # pylint: disable=g-import-not-at-top
   data = data_lib.load("fashion_mnist", None, None, 1000)
   c = _config("cnn", None)
-  f, state = _step_fn(c, data)
+  f, state, _ = _step_fn(c, data)
   n = 20
   ds = data_lib.train_dataset(data, 128, 0, n * (repeats + 1), c.augment)
   it = iter(data_lib.iterate(ds, 0))
@@ -235,7 +227,7 @@ sys.path.insert(0, {root!r})
 from benchmarks import speed
 from mpq import data as data_lib
 data = data_lib.load("fashion_mnist", None, None, 1000)
-f, state = speed._step_fn(speed._config("cnn", {est!r}), data)
+f, state, _ = speed._step_fn(speed._config("cnn", {est!r}), data)
 batch = jax.device_put(speed._batch(data, 128))
 for _ in range(30):
   state, m = f(state, batch)

@@ -173,7 +173,7 @@ class _Lowering:
               "window": int(tr[2])}
       else:
         # the sum of n accumulators must fit int32: shift right first where the bound says so
-        k = max(0, math.ceil(math.log2(bound * tr[2] / (2 ** 31 - 1)))) if bound * tr[2] >= 2 ** 31 else 0
+        k = math.ceil(math.log2(bound * tr[2] / (2 ** 31 - 1))) if bound * tr[2] >= 2 ** 31 else 0
         if k:
           self.ops.append({"op": "shift", "name": f"{src['name']}/shift", "input": acc,
                            "output": out, "right": k})
@@ -217,11 +217,9 @@ class _Lowering:
     else:
       w, b = layer.linear.kernel.value, layer.linear.bias.value
       extra = {"op": "dense"}
-    form = integer_form(layer.aq, layer.wq, w, layer.wq(w), b)
-    if form is None:
-      raise ExportError(f"layer {name!r} does not evaluate on integer grids")
-    g_w = grid(layer.wq, w)
-    w_int, bias = np.asarray(form[2], np.int64), np.asarray(form[3], np.float64)
+    g_w = grid(layer.wq, w)  # raises unless both grids exist (the input's: in `_to_grid`)
+    _, _, w_int, bias = integer_form(layer.aq, layer.wq, w, layer.wq(w), b)
+    w_int, bias = np.asarray(w_int, np.int64), np.asarray(bias, np.float64)
     if np.any(np.abs(bias) > 2 ** 31 - 1):
       raise ExportError(f"layer {name!r}: bias does not fit int32 at scale s_in * s_w")
     s_in, s_w = float(g_in["scale"][0]), g_w["scale"]

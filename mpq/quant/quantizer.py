@@ -246,7 +246,7 @@ class Quantizer(nnx.Module):
   def params(self) -> tuple[jax.Array, jax.Array, jax.Array, bool]:
     """(scale, zero_point, integer bits, signed) of the integer grid this quantizer evaluates on.
 
-    For `ste` weights the scale depends on the weight: see `weight_params`.
+    For `ste` weights the scale depends on the weight: see `integer_grid`.
     """
     e = self.estimator
     if e == "none":
@@ -273,10 +273,8 @@ class Quantizer(nnx.Module):
     if e == "none" or self.bypass or OBSERVERS or (e == "lsq+" and hasattr(self, "offset")):
       return None
     bits = self.int_bits()
-    if e == "ste" and self.role == "weight":
-      amax = jnp.max(jnp.abs(jax.lax.stop_gradient(x)), axis=tuple(range(x.ndim - 1)),
-                     keepdims=True).reshape(self.shape)
-      scale, zp, signed, narrow = core.symmetric_scale(amax, bits), jnp.zeros(()), True, True
+    if e == "ste" and self.role == "weight":  # the scale comes from the weight's current max
+      scale, zp, signed, narrow = self._grid(x)[0], jnp.zeros(()), True, True
     else:
       scale, zp, _, signed = self.params()
       narrow = e == "dbits" and self.signed
