@@ -118,8 +118,11 @@ def _integer(F):
     from mpq.export.compare import compare  # pylint: disable=g-import-not-at-top
     batch = next(iter(data_lib.eval_batches(data, 256)))
     rows = compare(fq_model, manifest, tensors, batch["image"])
+    result["compare"] = rows
+    tie = lambda r: ("" if r["near_tie"] is None else
+                     f" ({100 * r['near_tie']:.0f}% of them at float32 rounding ties)")
     print(table([(r["layer"], f"max {r['max_lsb']:.0f} LSB, mean {r['mean_lsb']:.4f}, "
-                  f"{100 * r['mismatch']:.2f}% differ") for r in rows]))
+                  f"{100 * r['mismatch']:.2f}% differ{tie(r)}") for r in rows]))
   if F.mode == "int" or F.model:
     r = evaluate_int(manifest, tensors, data, fq_model=fq_model)
     result.update(r, model=model_dir)

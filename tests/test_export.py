@@ -55,7 +55,15 @@ def test_tiny_export_agrees_with_fake_quant(tiny_export):
   base, stdout = tiny_export
   r = json.load(open(base / "int.json"))
   assert r["mode"] == "int" and r["num_examples"] == 1000
-  assert r["agreement_with_fake_quant"] == 1.0 and r["max_logit_lsb_diff"] < 1e-3
+  assert r["agreement_with_fake_quant"] == 1.0
+  # Bit-exact except where the fake-quant model's float32 value lies within float32 error of a
+  # rounding tie: the first layer whose input differs at all must differ only at such ties.
+  rows = r["compare"]
+  first = next((row for row in rows[:-1] if row["mismatch"] > 0), None)
+  assert rows[0]["max_lsb"] == 0
+  if first is not None:
+    assert first["near_tie"] == 1.0, first
+  assert all(row["mismatch"] < 1e-3 for row in rows[:-1]), rows
   fq = run_cli("eval.py", f"--workdir={base / 'qat'}", f"--json={base / 'fq.json'}")
   assert fq.returncode == 0, fq.stderr
   assert json.load(open(base / "fq.json"))["accuracy"] == r["accuracy"]
@@ -66,9 +74,8 @@ def test_tiny_export_agrees_with_fake_quant(tiny_export):
   assert json.load(open(base / "m.json"))["accuracy"] == pytest.approx(r["accuracy"])
 
 
-def _calibrated_export(tmp_path, model_name, model_kwargs, estimator, w_bits, a_bits, rules=()):
-  """A calibrated (untrained) quantized model, its export, and both models' outputs on 256 test
-  images: (manifest, integer logit accumulators, fake-quant logits / output scale)."""
+def _calibrated_model(model_name, model_kwargs, estimator, w_bits, a_bits, rules=()):
+  """A calibrated (untrained) quantized model and 256 test images."""
   import ml_collections
   from configs import tiny
   from mpq import data as data_lib
@@ -82,13 +89,37 @@ def _calibrated_export(tmp_path, model_name, model_kwargs, estimator, w_bits, a_
   images = next(data_lib.eval_batches(ds, 256))["image"]
   calibration.calibrate(model, [next(data_lib.eval_batches(ds, 256, split="train"))["image"]],
                         act_method="percentile", weight_method="mse")
-  manifest = export.export(model, ds.image_shape, str(tmp_path / "int"))
+  return model, images, ds.image_shape
+
+
+def _calibrated_export(tmp_path, model_name, model_kwargs, estimator, w_bits, a_bits, rules=()):
+  """A calibrated (untrained) quantized model, its export, and both models' outputs on 256 test
+  images: (manifest, integer logit accumulators, fake-quant logits / output scale)."""
+  model, images, image_shape = _calibrated_model(model_name, model_kwargs, estimator, w_bits,
+                                                 a_bits, rules)
+  manifest = export.export(model, image_shape, str(tmp_path / "int"))
   m2, tensors = export.load(str(tmp_path / "int"))
   assert m2 == manifest
   _, core, quantize = intexec.build(manifest, tensors)
   acc = np.asarray(core(quantize(images)), np.int64)
   fq = np.asarray(model(jnp.asarray(images), train=False), np.float64)
   return manifest, acc, fq / np.asarray(manifest["ops"][-1]["scale"])
+
+
+def test_compare_locates_a_wrong_multiplier_and_does_not_call_it_a_tie(tmp_path):
+  """`compare` finds the first layer fed by a corrupted requantization multiplier, and reports that
+  its differences are not float32 rounding ties (what `near_tie` must tell apart)."""
+  from mpq.export.compare import compare
+  model, images, image_shape = _calibrated_model("cnn", {"width": 0.25}, "lsq", 4, 4)
+  manifest = export.export(model, image_shape, str(tmp_path / "int"))
+  _, tensors = export.load(str(tmp_path / "int"))
+  rows = compare(model, manifest, tensors, images)
+  assert all(r["max_lsb"] == 0 for r in rows[:-1]), rows
+  key = next(op["multiplier"] for op in manifest["ops"] if op["name"] == "conv2->conv3")
+  tensors = dict(tensors, **{key: np.asarray(tensors[key]) + (np.asarray(tensors[key]) >> 6)})
+  rows = {r["layer"]: r for r in compare(model, manifest, tensors, images)}
+  assert rows["conv1"]["max_lsb"] == 0 and rows["conv2"]["max_lsb"] == 0
+  assert rows["conv3"]["mismatch"] > 0.01 and rows["conv3"]["near_tie"] < 0.05, rows["conv3"]
 
 
 @pytest.mark.parametrize("model_name,kw,estimator,w_bits,a_bits,rules", [

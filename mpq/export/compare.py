@@ -3,6 +3,13 @@
 For every dense/conv layer, the integer input tensor the executor computed is compared with the
 fake-quant model's quantized input `Q_a(x) / s + z` (the same grid): the max and mean absolute
 difference in LSBs, so a mismatch is located at the first layer where it appears.
+
+The two sides round the same real value, `(acc + bias) * S_in S_w / s_next`, differently only where it
+lies within float32 error of a rounding tie: the fake-quant model forms it in float32 (one product,
+one division), the executor with a 31-bit fixed-point multiplier. `near_tie` is the fraction of a
+layer's differing inputs whose fake-quant value `x / s` is within `2^-21 |x / s|` (a few float32
+ulps) of `k + 1/2`: 1.0 at the first differing layer means the divergence started at such ties
+(later layers also inherit differences from earlier ones).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ def compare(model, manifest: dict, tensors: dict, images) -> list[dict]:
 
   def tap(q, x, y):
     if q.role == "act":
-      taps[q.name] = np.asarray(y)
+      taps[q.name] = (np.asarray(x), np.asarray(y))
 
   qz.TAPS.append(tap)
   try:
@@ -31,15 +38,19 @@ def compare(model, manifest: dict, tensors: dict, images) -> list[dict]:
   for op in manifest["ops"]:
     if op["op"] not in ("conv2d", "dense") or op["name"] not in taps:
       continue
-    fq = taps[op["name"]] / op["input_scale"] + op["input_zero_point"]
+    x, y = taps[op["name"]]
+    fq = y / op["input_scale"] + op["input_zero_point"]
     got = np.asarray(env[op["input"]], np.float64).reshape(fq.shape)
     d = np.abs(np.round(fq) - got)
+    v = np.asarray(x, np.float64) / op["input_scale"]
+    near = np.abs(v - np.floor(v) - 0.5) <= 2.0 ** -21 * np.maximum(np.abs(v), 1.0)
     rows.append({"layer": op["name"], "max_lsb": float(d.max()), "mean_lsb": float(d.mean()),
-                 "mismatch": float(np.mean(d > 0))})
+                 "mismatch": float(np.mean(d > 0)),
+                 "near_tie": float(np.mean(near[d > 0])) if np.any(d > 0) else None})
   last = manifest["ops"][-1]
   acc = np.asarray(env[last["input"]], np.float64)
   scale = np.asarray(last["scale"])
   rows.append({"layer": "logits", "max_lsb": float(np.max(np.abs(logits_fq / scale - acc))),
                "mean_lsb": float(np.mean(np.abs(logits_fq / scale - acc))),
-               "mismatch": float(np.mean(np.abs(logits_fq / scale - acc) > 0.5))})
+               "mismatch": float(np.mean(np.abs(logits_fq / scale - acc) > 0.5)), "near_tie": None})
   return rows

@@ -171,15 +171,24 @@ class QuantConvBN(Layer):
     gamma = bn.scale.value
     self.calls.value = self.calls.value + 1
     frozen = (self.bn_freeze_step >= 0) & (self.calls.value > self.bn_freeze_step)
+    # Both branches are per-channel affine maps of `y`, so the output is one pass `y * a + c`:
+    #   frozen:  a = 1, c = b_fold
+    #   batch:   y_raw = y * r (r = sigma / gamma) has mean `mean(y) r` and variance `var(y) r^2`;
+    #            (y_raw - mu) / sqrt(var + eps) * gamma + beta = (y - mean(y)) * a + beta with
+    #            a = gamma r / sqrt(var + eps).
+    # The unfolded tensor y_raw is never formed (it would cost passes over the conv output).
     safe_gamma = jnp.where(jnp.abs(gamma) < 1e-6, jnp.where(gamma < 0, -1e-6, 1e-6), gamma)
-    y_raw = y * (sigma / safe_gamma)
-    mu = jnp.mean(y_raw, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(y_raw - mu), axis=(0, 1, 2))
+    r = sigma / safe_gamma
+    mean_y = jnp.mean(y, axis=(0, 1, 2))
+    var_y = jnp.mean(jnp.square(y - mean_y), axis=(0, 1, 2))
+    mu, var = mean_y * r, var_y * jnp.square(r)
     m = bn.momentum
     bn.mean.value = jnp.where(frozen, bn.mean.value, m * bn.mean.value + (1 - m) * mu)
     bn.var.value = jnp.where(frozen, bn.var.value, m * bn.var.value + (1 - m) * var)
-    y_batch = (y_raw - mu) * jax.lax.rsqrt(var + bn.epsilon) * gamma + bn.bias.value
-    return jnp.where(frozen, y + b_fold, y_batch)
+    a_batch = gamma * r * jax.lax.rsqrt(var + bn.epsilon)
+    a = jnp.where(frozen, 1.0, a_batch)
+    c = jnp.where(frozen, b_fold, bn.bias.value - mean_y * a_batch)
+    return y * a + c
 
 
 class QuantAdd(Layer):
