@@ -155,7 +155,7 @@ def test_tqt_forward_and_gradients(signed):
 def test_noise_is_exact_at_zero_and_bounded_by_error():
   x = jnp.asarray(RNG.randn(500).astype(np.float32))
   q = est.lsq(x, jnp.float32(0.3), -4.0, 3.0)
-  key = jax.random.key(1)
+  key = jnp.uint32(1)
   np.testing.assert_array_equal(est.noisy(q, x, 0.0, key), q)
   y = est.noisy(q, x, 0.5, key)
   bound = 0.5 * np.abs(np.asarray(q) - np.asarray(x)) + 1e-7
@@ -166,6 +166,51 @@ def test_noise_is_exact_at_zero_and_bounded_by_error():
   gq = jax.grad(lambda x: jnp.sum(est.lsq(x, 0.3, -4.0, 3.0)))(x)
   np.testing.assert_array_equal(gx, gq)
   assert float(est.noise_amplitude(1000, 0.5, 1000.0)) == pytest.approx(0.5 / math.e)
+
+
+def test_fmix32_matches_murmur3_reference():
+  """MurmurHash3's fmix32 written independently in Python integers."""
+  def ref(h):
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+  vals = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789]
+  got = est.fmix32(jnp.asarray(vals, jnp.uint32))
+  assert [int(v) for v in got] == [ref(v) for v in vals]
+
+
+def test_hash_uniform_is_uniform_and_uncorrelated():
+  n = 1 << 18
+  a = np.asarray(est.hash_uniform(jnp.uint32(7), (n,)), np.float64)
+  b = np.asarray(est.hash_uniform(jnp.uint32(8), (n,)), np.float64)
+  assert a.min() >= -1.0 and a.max() < 1.0
+  # moments of U(-1, 1): mean 0 (sd 1/sqrt(3n)), variance 1/3
+  assert abs(a.mean()) < 4 / math.sqrt(3 * n) and abs(a.var() - 1 / 3) < 0.005
+  # chi-square over 64 bins: 63 degrees of freedom, 99.99th percentile ~ 116
+  counts = np.histogram(a, bins=64, range=(-1, 1))[0]
+  assert np.sum((counts - n / 64) ** 2 / (n / 64)) < 116
+  # neighbours, and the streams of two consecutive seeds, are uncorrelated (sd of r ~ 1/sqrt(n))
+  assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 4 / math.sqrt(n)
+  assert abs(np.corrcoef(a, b)[0, 1]) < 4 / math.sqrt(n)
+  # deterministic, and shaped
+  np.testing.assert_array_equal(est.hash_uniform(jnp.uint32(7), (n,)), a.astype(np.float32))
+  assert est.hash_uniform(jnp.uint32(7), (4, 3, 2)).shape == (4, 3, 2)
+
+
+def test_noise_quantizer_draws_fresh_noise_per_call_and_layer():
+  x = jnp.asarray(RNG.randn(4, 64).astype(np.float32))
+  qa = Quantizer("a", "act", "noise", 3, signed=True, noise_lambda0=0.5)
+  qb = Quantizer("b", "act", "noise", 3, signed=True, noise_lambda0=0.5)
+  for q in (qa, qb):
+    q.step_size.value = jnp.float32(0.3)
+  y1, y2, yb = qa(x, train=True), qa(x, train=True), qb(x, train=True)
+  exact = est.lsq(x, jnp.float32(0.3), -4.0, 3.0)
+  for y in (y1, y2, yb):
+    assert np.mean(np.asarray(y) != np.asarray(exact)) > 0.9
+  assert not np.array_equal(y1, y2) and not np.array_equal(y1, yb)
+  np.testing.assert_array_equal(qa(x, train=False), exact)  # no noise at evaluation
 
 
 def test_noise_quantizer_learns_its_gradient_scale():

@@ -224,8 +224,9 @@ class Quantizer(nnx.Module):
     y = est.lsq(x, s, n, p)
     if e == "noise" and train and self.noise_lambda0 > 0:
       amp = est.noise_amplitude(self.count.value, self.noise_lambda0, self.noise_tau)
-      key = jax.random.fold_in(jax.random.key(self.seed), self.count.value)
-      y = est.noisy(y, x, amp, key)
+      # a fresh stream per quantizer and training call
+      seed = est.fmix32(jnp.uint32(self.seed)) + self.count.value.astype(jnp.uint32)
+      y = est.noisy(y, x, amp, seed)
     return y
 
   def _ste(self, x, bits, train):
