@@ -9,7 +9,8 @@ Runtime:  about 15 minutes on 2 CPU cores.
 Rows:
   step       train step time, QAT (W4A4 per channel; lsq, ste, tqt, noise, dbits) against float,
              same model and batch 128, cnn and resnet20: `--repeats` alternating timed steps after
-             3 warm-up steps each (targets: lsq <= 1.10 cnn, <= 1.15 resnet20, all <= 1.3)
+             3 warm-up steps each (targets: lsq <= 1.10 cnn, <= 1.15 resnet20, all <= 1.3); and
+             the peer, google/qwix int8 QAT of the same model (no target; needs the `bench` extra)
   compile    XLA compilations while every layer's bits change 10 times (target 0 after step 1)
   pipeline   cnn train steps fed by the real input pipeline (grain, Fashion-MNIST, shuffling,
              augmentation) against the same steps on batches already in memory (target >= 0.95)
@@ -63,6 +64,29 @@ def _step_fn(config, data):
   return jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,)), state, graphdef
 
 
+def _qwix_step_fn(config, data):
+  """The peer: google/qwix int8 QAT (the `bench` extra) of the same float model, same optimizer:
+  `qwix.quantize_model` intercepts every conv and dot_general (int8 per-channel weights, int8
+  dynamic per-tensor activations, straight-through gradients); BatchNorm stays a float op."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  try:
+    import qwix  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise SystemExit("error: the qwix peer row needs google/qwix: "
+                     ".venv/bin/pip install -e '.[bench]'") from None
+  from mpq.train import optim  # pylint: disable=g-import-not-at-top
+  from mpq.train.loop import build_model  # pylint: disable=g-import-not-at-top
+  from mpq.train.state import init_state, make_train_step  # pylint: disable=g-import-not-at-top
+  model, _ = build_model(config, data)
+  rules = [qwix.QtRule(module_path=".*", weight_qtype="int8", act_qtype="int8")]
+  model = qwix.quantize_model(model, qwix.QtProvider(rules),
+                              jnp.zeros((2, *data.image_shape), jnp.float32), False)
+  tx = optim.build(config, 1000)
+  graphdef, state = init_state(model, tx)
+  return jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,)), state, graphdef
+
+
 def _batch(data, n: int):
   from mpq import data as data_lib  # pylint: disable=g-import-not-at-top
   ds = data_lib.train_dataset(data, n, 0, 10, "none")
@@ -90,6 +114,7 @@ def step_rows(repeats: int) -> list[dict]:
     steps = {"float": _step_fn(_config(model, None), data)}
     for e in ESTIMATORS:
       steps[e] = _step_fn(_config(model, e), data)
+    steps["qwix"] = _qwix_step_fn(_config(model, None), data)
     states = {k: s for k, (_, s, _) in steps.items()}
     times = {k: [] for k in steps}
     for k, (f, _, _) in steps.items():
@@ -107,6 +132,11 @@ def step_rows(repeats: int) -> list[dict]:
                        times[e], times["float"], "s per step (batch 128)",
                        TARGETS.get((model, e), 1.3)))
       print(f"{rows[-1]['name']}: {rows[-1]['ratio']:.3f}", flush=True)
+    import qwix  # pylint: disable=g-import-not-at-top
+    rows.append(_row(f"step_{model}_qwix_int8", f"peer: google/qwix {qwix.__version__} int8 QAT "
+                     "train step", "float train step", times["qwix"], times["float"],
+                     "s per step (batch 128)"))
+    print(f"{rows[-1]['name']}: {rows[-1]['ratio']:.3f}", flush=True)
   return rows
 
 

@@ -179,8 +179,8 @@ class QuantConvBN(Layer):
     # The unfolded tensor y_raw is never formed (it would cost passes over the conv output).
     safe_gamma = jnp.where(jnp.abs(gamma) < 1e-6, jnp.where(gamma < 0, -1e-6, 1e-6), gamma)
     r = sigma / safe_gamma
-    mean_y = jnp.mean(y, axis=(0, 1, 2))
-    var_y = jnp.mean(jnp.square(y - mean_y), axis=(0, 1, 2))
+    mean_y = jnp.mean(y, axis=(0, 1, 2))  # one pass, as nnx.BatchNorm (use_fast_variance)
+    var_y = jnp.maximum(jnp.mean(jnp.square(y), axis=(0, 1, 2)) - jnp.square(mean_y), 0.0)
     mu, var = mean_y * r, var_y * jnp.square(r)
     m = bn.momentum
     bn.mean.value = jnp.where(frozen, bn.mean.value, m * bn.mean.value + (1 - m) * mu)
