@@ -57,6 +57,26 @@ def test_srdhm_exact_on_edges_and_random():
   np.testing.assert_array_equal(got.astype(np.int64), ref)
 
 
+def test_srdhm_nonneg_exact_on_edges_and_random():
+  """The fast form for multipliers >= 0 against the int64 reference (zero products included)."""
+  rs = np.random.RandomState(3)
+  edge_b = [b for b in EDGE if b >= 0]
+  a = np.asarray(EDGE + list(rs.randint(I32_MIN, I32_MAX, 3000, dtype=np.int64)), np.int64)
+  b = np.asarray(edge_b + list(rs.randint(0, I32_MAX, 3000 + len(EDGE) - len(edge_b),
+                                          dtype=np.int64)), np.int64)
+  aa, bb = np.meshgrid(np.asarray(EDGE), np.asarray(edge_b))
+  a = np.concatenate([a, aa.ravel()])
+  b = np.concatenate([b, bb.ravel()])
+  got = np.asarray(jax.jit(intexec.srdhm_nonneg)(a.astype(np.int32), b.astype(np.int32)))
+  ref = np.asarray([ref_srdhm(x, y) for x, y in zip(a, b)], np.int64)
+  np.testing.assert_array_equal(got.astype(np.int64), ref)
+  xs = rs.randint(-(1 << 24), 1 << 24, 300).astype(np.int32)
+  for shift in (-20, -1, 0, 3):
+    np.testing.assert_array_equal(
+        intexec.multiply_by_quantized_multiplier(xs, 1518500250, shift, nonneg=True),
+        [ref_mbqm(int(x), 1518500250, shift) for x in xs])
+
+
 @pytest.mark.parametrize("e", list(range(0, 32)))
 def test_rounding_divide_by_pot_exact(e):
   rs = np.random.RandomState(e)
