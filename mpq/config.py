@@ -37,6 +37,8 @@ Fields (override any on the command line as `--config.FIELD=VALUE`):
     bn_freeze_step      training steps after which folded BatchNorm uses its EMA statistics (-1: never)
     ema_decay           EMA decay of the activation ranges of the `ste` estimator
     noise_lambda0, noise_tau   `noise` estimator: amplitude lambda0 * exp(-step / tau)
+    noise_rng           `noise` estimator's U(-1, 1) generator: 'hash' (a counter hash, the cheap
+                        default) or 'threefry' (jax.random; see mpq.quant.estimators.noise_uniform)
     osc_dampen          oscillation dampening (Nagel et al. 2022): final loss weight (0: off), annealed
                         from 0 with a half cosine
     osc_freeze          iterative weight freezing: oscillation-frequency threshold (0: off)
@@ -119,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.ema_decay = 0.99
   c.quant.noise_lambda0 = 0.5
   c.quant.noise_tau = 1000.0
+  c.quant.noise_rng = "hash"
   c.quant.osc_dampen = 0.0
   c.quant.osc_freeze = 0.0
   c.quant.osc_track = False
@@ -206,6 +209,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.quant.calib_percentile={qc.calib_percentile} must be in (0, 100]")
   check(qc.calib_batches >= 1, f"config.quant.calib_batches={qc.calib_batches} must be >= 1")
   check(qc.noise_tau > 0, f"config.quant.noise_tau={qc.noise_tau} must be positive")
+  check(qc.noise_rng in ("hash", "threefry"),
+        f"config.quant.noise_rng={qc.noise_rng!r} is unknown; use 'hash' or 'threefry'")
   check(qc.osc_dampen >= 0, f"config.quant.osc_dampen={qc.osc_dampen} must be >= 0")
   check(0 <= qc.osc_freeze < 1, f"config.quant.osc_freeze={qc.osc_freeze} must be in [0, 1)")
   check(0 < qc.osc_momentum <= 1, f"config.quant.osc_momentum={qc.osc_momentum} must be in (0, 1]")

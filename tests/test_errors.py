@@ -42,6 +42,7 @@ def trained(tmp_path_factory):
     (["--config.model=vgg"], "config.model='vgg' is unknown"),
     (["--config.optimizer=lion"], "optimizer='lion'"),
     (["--config.batch_size=-4"], "batch_size=-4 must be positive"),
+    (["--config.quant.noise_rng=mt19937"], "noise_rng='mt19937' is unknown; use 'hash' or 'threefry'"),
     (["--config.data_dir=/nonexistent"], "Fashion-MNIST not found in /nonexistent"),
     (["--config.dataset=tfds:no_such_dataset_xyz"], "no_such_dataset_xyz"),
 ])

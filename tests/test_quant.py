@@ -155,7 +155,7 @@ def test_tqt_forward_and_gradients(signed):
 def test_noise_is_exact_at_zero_and_bounded_by_error():
   x = jnp.asarray(RNG.randn(500).astype(np.float32))
   q = est.lsq(x, jnp.float32(0.3), -4.0, 3.0)
-  key = jnp.uint32(1)
+  key = est.hash_uniform(jnp.uint32(1), x.shape)
   np.testing.assert_array_equal(est.noisy(q, x, 0.0, key), q)
   y = est.noisy(q, x, 0.5, key)
   bound = 0.5 * np.abs(np.asarray(q) - np.asarray(x)) + 1e-7
@@ -199,10 +199,11 @@ def test_hash_uniform_is_uniform_and_uncorrelated():
   assert est.hash_uniform(jnp.uint32(7), (4, 3, 2)).shape == (4, 3, 2)
 
 
-def test_noise_quantizer_draws_fresh_noise_per_call_and_layer():
+@pytest.mark.parametrize("rng", ["hash", "threefry"])
+def test_noise_quantizer_draws_fresh_noise_per_call_and_layer(rng):
   x = jnp.asarray(RNG.randn(4, 64).astype(np.float32))
-  qa = Quantizer("a", "act", "noise", 3, signed=True, noise_lambda0=0.5)
-  qb = Quantizer("b", "act", "noise", 3, signed=True, noise_lambda0=0.5)
+  qa = Quantizer("a", "act", "noise", 3, signed=True, noise_lambda0=0.5, noise_rng=rng)
+  qb = Quantizer("b", "act", "noise", 3, signed=True, noise_lambda0=0.5, noise_rng=rng)
   for q in (qa, qb):
     q.step_size.value = jnp.float32(0.3)
   y1, y2, yb = qa(x, train=True), qa(x, train=True), qb(x, train=True)

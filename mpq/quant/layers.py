@@ -52,6 +52,7 @@ class QuantOptions:
   ema_decay: float = 0.99
   noise_lambda0: float = 0.5
   noise_tau: float = 1000.0
+  noise_rng: str = "hash"  # the noise estimator's U(-1, 1): 'hash' or 'threefry'
   bypass: bool = False  # build every quantizer as identity (evaluate a QAT checkpoint in float)
   osc_track: bool = False  # track integer-weight oscillations (Nagel et al. 2022)
   osc_freeze: float = 0.0  # freeze weights whose oscillation frequency exceeds this (0: off)
@@ -64,7 +65,8 @@ def _quantizer(name, role, lq: LayerQuant, opts: QuantOptions, **kw):
   track = kw.pop("kernel_shape", None) if (opts.osc_track or opts.osc_freeze > 0) else None
   kw.pop("kernel_shape", None)
   return Quantizer(name, role, lq.estimator, bits, ema_decay=opts.ema_decay,
-                   noise_lambda0=opts.noise_lambda0, noise_tau=opts.noise_tau, bypass=opts.bypass,
+                   noise_lambda0=opts.noise_lambda0, noise_tau=opts.noise_tau, noise_rng=opts.noise_rng,
+                   bypass=opts.bypass,
                    track_shape=track, osc_momentum=opts.osc_momentum, osc_freeze=opts.osc_freeze,
                    osc_dampen=opts.osc_dampen, **kw)
 

@@ -17,6 +17,7 @@ from mpq.quant.rules import resolve
 def options(qc, bypass: bool = False) -> QuantOptions:
   return QuantOptions(bn_freeze_step=int(qc.bn_freeze_step), ema_decay=float(qc.ema_decay),
                       noise_lambda0=float(qc.noise_lambda0), noise_tau=float(qc.noise_tau),
+                      noise_rng=str(qc.noise_rng),
                       bypass=bypass, osc_track=bool(qc.osc_track), osc_freeze=float(qc.osc_freeze),
                       osc_momentum=float(qc.osc_momentum), osc_dampen=qc.osc_dampen > 0)
 

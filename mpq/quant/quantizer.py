@@ -61,7 +61,8 @@ class Quantizer(nnx.Module):
 
   def __init__(self, name: str, role: str, estimator: str, bits: float, *, signed: bool = True,
                channels: int = 1, ndim: int = 4, ema_decay: float = 0.99, noise_lambda0: float = 0.0,
-               noise_tau: float = 1000.0, bypass: bool = False, track_shape=None,
+               noise_tau: float = 1000.0, noise_rng: str = "hash", bypass: bool = False,
+               track_shape=None,
                osc_momentum: float = 0.01, osc_freeze: float = 0.0, osc_dampen: bool = False):
     if estimator not in ESTIMATORS:
       raise ValueError(f"unknown estimator {estimator!r}; use one of {ESTIMATORS}")
@@ -69,6 +70,9 @@ class Quantizer(nnx.Module):
     self.bypass = bypass  # identity forward, same variables (evaluate a QAT checkpoint in float)
     self.signed = bool(signed) or role == "weight"
     self.ema_decay, self.noise_lambda0, self.noise_tau = ema_decay, noise_lambda0, noise_tau
+    if noise_rng not in est.NOISE_RNGS:
+      raise ValueError(f"unknown noise_rng {noise_rng!r}; use one of {est.NOISE_RNGS}")
+    self.noise_rng = noise_rng
     self.seed = zlib.crc32(f"{name}/{role}".encode()) & 0x7FFFFFFF
     shape = core.channel_shape(ndim, -1, channels) if role == "weight" else ()
     self.shape = shape
@@ -224,9 +228,8 @@ class Quantizer(nnx.Module):
     y = est.lsq(x, s, n, p)
     if e == "noise" and train and self.noise_lambda0 > 0:
       amp = est.noise_amplitude(self.count.value, self.noise_lambda0, self.noise_tau)
-      # a fresh stream per quantizer and training call
-      seed = est.fmix32(jnp.uint32(self.seed)) + self.count.value.astype(jnp.uint32)
-      y = est.noisy(y, x, amp, seed)
+      u = est.noise_uniform(self.noise_rng, self.seed, self.count.value, jnp.shape(y))
+      y = est.noisy(y, x, amp, u)
     return y
 
   def _ste(self, x, bits, train):
