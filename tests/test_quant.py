@@ -155,14 +155,14 @@ def test_tqt_forward_and_gradients(signed):
 def test_noise_is_exact_at_zero_and_bounded_by_error():
   x = jnp.asarray(RNG.randn(500).astype(np.float32))
   q = est.lsq(x, jnp.float32(0.3), -4.0, 3.0)
-  key = est.hash_uniform(jnp.uint32(1), x.shape)
-  np.testing.assert_array_equal(est.noisy(q, x, 0.0, key), q)
-  y = est.noisy(q, x, 0.5, key)
+  u = est.hash_uniform(jnp.uint32(1), x.shape)
+  np.testing.assert_array_equal(est.noisy(q, x, 0.0, u), q)
+  y = est.noisy(q, x, 0.5, u)
   bound = 0.5 * np.abs(np.asarray(q) - np.asarray(x)) + 1e-7
   assert np.all(np.abs(np.asarray(y) - np.asarray(q)) <= bound)
   assert np.any(np.asarray(y) != np.asarray(q))
   # the noise carries no gradient: d/dx equals LSQ's
-  gx = jax.grad(lambda x: jnp.sum(est.noisy(est.lsq(x, 0.3, -4.0, 3.0), x, 0.5, key)))(x)
+  gx = jax.grad(lambda x: jnp.sum(est.noisy(est.lsq(x, 0.3, -4.0, 3.0), x, 0.5, u)))(x)
   gq = jax.grad(lambda x: jnp.sum(est.lsq(x, 0.3, -4.0, 3.0)))(x)
   np.testing.assert_array_equal(gx, gq)
   assert float(est.noise_amplitude(1000, 0.5, 1000.0)) == pytest.approx(0.5 / math.e)
