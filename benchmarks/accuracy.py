@@ -37,7 +37,8 @@ ROWS = (["fp32", "ptq_w8a8", "qat_w8a8", "qat_w4a4", "qat_w3a3", "qat_w2a2"]
         + [f"qat_w{b}a{b}_{e}" for e in ("ste", "tqt", "noise") for b in (4, 2)]
         + ["peer_qwix_w8a8"])
 # Ablations of the W2A2 recipe (not run by default; `--rows=ablate_w2a2_osc,...`):
-#   osc      + oscillation dampening (0.1) and iterative freezing (threshold 0.02)
+#   osc      + oscillation dampening (0.1) and iterative freezing (threshold 0.02), with BatchNorm
+#            statistics frozen from the start (`bn_freeze_step=0`, which freezing requires)
 #   scratch  no float initialisation: QAT from random weights for --qat_epochs
 #   1ep      half the fine-tuning (1 epoch)
 #   maxcal   activation ranges from the plain max instead of the 99.99th percentile
@@ -92,6 +93,7 @@ def run_row(name: str, args) -> dict:
     what = name.rsplit("_", 1)[1]
     if what == "osc":
       c.quant.osc_dampen, c.quant.osc_freeze = 0.1, 0.02
+      c.quant.bn_freeze_step = 0  # freezing needs frozen BatchNorm statistics (QuantConvBN)
     elif what == "scratch":
       c.init_from, c.learning_rate = "", float_config(args).learning_rate
     elif what == "1ep":

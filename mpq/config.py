@@ -41,7 +41,8 @@ Fields (override any on the command line as `--config.FIELD=VALUE`):
                         default) or 'threefry' (jax.random; see mpq.quant.estimators.noise_uniform)
     osc_dampen          oscillation dampening (Nagel et al. 2022): final loss weight (0: off), annealed
                         from 0 with a half cosine
-    osc_freeze          iterative weight freezing: oscillation-frequency threshold (0: off)
+    osc_freeze          iterative weight freezing: oscillation-frequency threshold (0: off); with
+                        folded BatchNorm it needs bn_freeze_step >= 0 (an error says so)
     osc_track           log per-layer oscillation frequencies (`osc/...`) without freezing
     osc_momentum        EMA momentum of the oscillation frequency
     teacher_workdir     knowledge distillation from this run's latest checkpoint ('' = off)

@@ -53,6 +53,14 @@ def test_bad_train_input_leaves_workdir_intact(trained, args, pattern):
   assert _snapshot(trained) == before
 
 
+def test_weight_freezing_needs_frozen_batchnorm_statistics(tmp_path):
+  r = run_cli(*TINY, f"--workdir={tmp_path}/w", "--config.quant.enabled=True",
+              "--config.quant.osc_freeze=0.02")
+  _assert_one_line_error(r, r"quant.osc_freeze=0.02 needs BatchNorm statistics frozen first; "
+                            r"set --config.quant.bn_freeze_step=0")
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
 def test_missing_config_file(tmp_path):
   r = run_cli("train.py", "--config=configs/nope.py", f"--workdir={tmp_path}/w")
   _assert_one_line_error(r, "cannot load the config file")

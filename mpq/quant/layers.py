@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mpq import layers as float_layers
+from mpq.errors import UserError
 from mpq.layers import Layer, note_cost, recorded
 from mpq.quant import core
 from mpq.quant.quantizer import Quantizer
@@ -139,6 +140,15 @@ class QuantConvBN(Layer):
     self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=4,
                          kernel_shape=(kernel, kernel, in_features // groups, out_features))
     self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
+    if opts.osc_freeze > 0 and opts.bn_freeze_step < 0:
+      # A frozen weight is an integer times the step size of the *folded* kernel, so it does not
+      # scale with gamma / sigma; the batch statistics of the unfolded output `y sigma / gamma`
+      # then follow 1 / gamma, the EMA variance feeds back through sigma, and the statistics
+      # overflow (NaN after ~230 steps on the cnn at W2A2). With frozen statistics no unfolding
+      # happens.
+      raise UserError(f"layer {name!r}: quant.osc_freeze={opts.osc_freeze} needs BatchNorm "
+                      "statistics frozen first; set --config.quant.bn_freeze_step=0 (or the step "
+                      "after which to freeze them, before any weight freezes)")
     self.bn_freeze_step = opts.bn_freeze_step
     self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
