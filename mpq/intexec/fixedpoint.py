@@ -54,6 +54,18 @@ def _u32(x):
   return jnp.asarray(x).astype(jnp.uint32)
 
 
+def _wide_mul(ua, ub):
+  """The 64-bit product of two uint32 arrays as (high, low) uint32 words, from 16-bit halves."""
+  lo16 = jnp.uint32(0xFFFF)
+  a0, a1 = ua & lo16, ua >> 16
+  b0, b1 = ub & lo16, ub >> 16
+  p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+  mid = (p00 >> 16) + (p01 & lo16) + (p10 & lo16)
+  lo = (p00 & lo16) | (mid << 16)
+  hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
+  return hi, lo
+
+
 def saturating_rounding_doubling_high_mul(a, b):
   """gemmlowp's SaturatingRoundingDoublingHighMul on int32 arrays (broadcasting)."""
   a = jnp.asarray(a, jnp.int32)
@@ -62,13 +74,7 @@ def saturating_rounding_doubling_high_mul(a, b):
   # |a|, |b| as uint32 (|INT32_MIN| = 2^31 fits); the int32 -> uint32 cast wraps, so negate there.
   ua = jnp.where(a < 0, jnp.uint32(0) - _u32(a), _u32(a))
   ub = jnp.where(b < 0, jnp.uint32(0) - _u32(b), _u32(b))
-  lo16 = jnp.uint32(0xFFFF)
-  a0, a1 = ua & lo16, ua >> 16
-  b0, b1 = ub & lo16, ub >> 16
-  p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
-  mid = (p00 >> 16) + (p01 & lo16) + (p10 & lo16)
-  lo = (p00 & lo16) | (mid << 16)
-  hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
+  hi, lo = _wide_mul(ua, ub)
   # M = |a*b| = hi:lo; result = sign * floor((M + c) / 2^31), c = 2^30 (a*b >= 0) or 2^30 - 1
   nonzero = (ua != 0) & (ub != 0)
   c = jnp.where(neg & nonzero, jnp.uint32(2 ** 30 - 1), jnp.uint32(2 ** 30))
@@ -89,13 +95,7 @@ def srdhm_nonneg(a, b):
   ub = _u32(jnp.asarray(b, jnp.int32))
   neg = a < 0
   ua = jnp.where(neg, jnp.uint32(0) - _u32(a), _u32(a))
-  lo16 = jnp.uint32(0xFFFF)
-  a0, a1 = ua & lo16, ua >> 16
-  b0, b1 = ub & lo16, ub >> 16
-  p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
-  mid = (p00 >> 16) + (p01 & lo16) + (p10 & lo16)
-  lo = (p00 & lo16) | (mid << 16)
-  hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
+  hi, lo = _wide_mul(ua, ub)
   lo2 = lo + jnp.where(neg, jnp.uint32(2 ** 30 - 1), jnp.uint32(2 ** 30))
   hi2 = hi + (lo2 < lo).astype(jnp.uint32)
   mag = ((hi2 << 1) | (lo2 >> 31)).astype(jnp.int32)
