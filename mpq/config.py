@@ -199,6 +199,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.keep_checkpoints >= 1, f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1")
   qc = config.quant
   from mpq.quant import calibration as calib  # pylint: disable=g-import-not-at-top
+  from mpq.quant.estimators import NOISE_RNGS  # pylint: disable=g-import-not-at-top
   from mpq.quant import rules  # pylint: disable=g-import-not-at-top
   rules.check_values("config.quant", {"w_bits": qc.w_bits, "a_bits": qc.a_bits,
                                       "estimator": qc.estimator})
@@ -210,8 +211,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.quant.calib_percentile={qc.calib_percentile} must be in (0, 100]")
   check(qc.calib_batches >= 1, f"config.quant.calib_batches={qc.calib_batches} must be >= 1")
   check(qc.noise_tau > 0, f"config.quant.noise_tau={qc.noise_tau} must be positive")
-  check(qc.noise_rng in ("hash", "threefry"),
-        f"config.quant.noise_rng={qc.noise_rng!r} is unknown; use 'hash' or 'threefry'")
+  check(qc.noise_rng in NOISE_RNGS, f"config.quant.noise_rng={qc.noise_rng!r} is unknown; use "
+        + " or ".join(repr(r) for r in NOISE_RNGS))
   check(qc.osc_dampen >= 0, f"config.quant.osc_dampen={qc.osc_dampen} must be >= 0")
   check(0 <= qc.osc_freeze < 1, f"config.quant.osc_freeze={qc.osc_freeze} must be in [0, 1)")
   check(0 < qc.osc_momentum <= 1, f"config.quant.osc_momentum={qc.osc_momentum} must be in (0, 1]")
