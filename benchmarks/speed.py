@@ -210,7 +210,7 @@ def sensitivity_rows(repeats: int) -> list[dict]:
   from mpq import data as data_lib, models, quant  # pylint: disable=g-import-not-at-top
   from mpq.allocate import sensitivity as sens  # pylint: disable=g-import-not-at-top
   from mpq.quant import model as quant_model  # pylint: disable=g-import-not-at-top
-  from mpq.train.state import cross_entropy  # pylint: disable=g-import-not-at-top
+  from mpq.losses import cross_entropy  # pylint: disable=g-import-not-at-top
   data = data_lib.load("fashion_mnist", None, None, 1000)
   c = _config("resnet20", "dbits")
   c.quant.rules = ()

@@ -148,7 +148,7 @@ def test_measured_sensitivity_equals_one_at_a_time_evaluation():
   from mpq import config as config_lib, data
   from mpq.quant import calibrate, model as quant_model
   from mpq.quant.calibration import weight_amax
-  from mpq.train.state import cross_entropy
+  from mpq.losses import cross_entropy
   c = config_lib.base_config()
   c.quant.enabled, c.quant.estimator = True, "dbits"
   c.model_kwargs.width = 0.25

@@ -326,7 +326,7 @@ def test_dampening_term_closed_form():
 
 
 def test_distillation_loss_is_scaled_kl():
-  from mpq.train.state import distillation_loss
+  from mpq.losses import distillation_loss
   s = RNG.randn(4, 10).astype(np.float32)
   t = RNG.randn(4, 10).astype(np.float32)
   for temp in (1.0, 3.0):

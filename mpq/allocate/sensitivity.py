@@ -119,7 +119,7 @@ def measured_sensitivity(model: nnx.Module, layers: Sequence[str], choices: Sequ
   compiled configuration from Python per configuration. Either way bits are traced inputs, so
   there is one compilation, not one per configuration (benchmarks/speed.py times both).
   """
-  from mpq.train.state import cross_entropy  # pylint: disable=g-import-not-at-top
+  from mpq.losses import cross_entropy  # pylint: disable=g-import-not-at-top
 
   qs = _quantizers(model)
   bad = [p for p, q in qs if q.estimator != "dbits"]

@@ -101,7 +101,7 @@ def _prefix(path: str) -> str:
 
 
 def hessian_scores(config, data, paths, choices):
-  from mpq.train.state import cross_entropy  # pylint: disable=g-import-not-at-top
+  from mpq.losses import cross_entropy  # pylint: disable=g-import-not-at-top
   model = _float_model(config, data)
   x, y = _calibration_set(config, data, config.mixed.calib_examples)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

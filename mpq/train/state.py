@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mpq.losses import cross_entropy, dampening_weight, distillation_loss  # noqa: F401
+
 
 class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar
@@ -32,31 +34,6 @@ def split_model(model: nnx.Module):
 def init_state(model: nnx.Module, tx: optax.GradientTransformation):
   graphdef, params, rest = split_model(model)
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
-
-
-def cross_entropy(logits, labels, label_smoothing: float = 0.0):
-  """Mean softmax cross-entropy with (optional) label smoothing, per example."""
-  num_classes = logits.shape[-1]
-  onehot = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    onehot = onehot * (1 - label_smoothing) + label_smoothing / num_classes
-  return optax.softmax_cross_entropy(logits, onehot)
-
-
-def dampening_weight(lambda_max: float, total_steps: int):
-  """`lambda(t) = lambda_max * (1 - cos(pi * t / T)) / 2`: the oscillation-dampening weight annealed
-  from 0 to `lambda_max` over training (Nagel et al. 2022)."""
-  def weight(step):
-    t = jnp.minimum(step.astype(jnp.float32) / max(total_steps, 1), 1.0)
-    return lambda_max * 0.5 * (1.0 - jnp.cos(jnp.pi * t))
-  return weight
-
-
-def distillation_loss(student_logits, teacher_logits, temperature: float):
-  """`T^2 * KL(softmax(teacher / T) || softmax(student / T))`, per example (Hinton et al. 2015)."""
-  t = jax.nn.log_softmax(teacher_logits / temperature)
-  s = jax.nn.log_softmax(student_logits / temperature)
-  return temperature ** 2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, label_smoothing: float = 0.0,
