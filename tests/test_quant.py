@@ -71,11 +71,6 @@ def test_affine_params_make_zero_exact():
   assert float(zp) == 0 and float(scale) == pytest.approx(2.0 / 255)
 
 
-def test_pow2_scale():
-  np.testing.assert_array_equal(core.pow2_scale(jnp.asarray([0.3, 0.25, 1.0, 3.0])),
-                                [0.5, 0.25, 1.0, 4.0])
-
-
 def _weighted_grads(f, *args, argnums):
   w = jnp.asarray(RNG.randn(*np.shape(args[0])).astype(np.float32))
   return w, jax.grad(lambda *a: jnp.sum(w * f(*a)), argnums=argnums)(*args)

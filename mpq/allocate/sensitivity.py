@@ -80,9 +80,7 @@ def quantization_perturbation(kernel, bits: int) -> float:
   w = jnp.asarray(kernel, jnp.float32)
   amax = calib.weight_amax(w, "mse", bits)
   s = core.symmetric_scale(amax, bits)
-  _, qmax = core.qrange(bits, True, narrow=True)
-  q = jnp.clip(jnp.round(w / s), -qmax, qmax) * s
-  return float(jnp.sum(jnp.square(q - w)))
+  return float(jnp.sum(jnp.square(core.fake_quant(w, s, 0.0, bits, True, narrow=True) - w)))
 
 
 def hessian_sensitivity(traces: np.ndarray, kernels: Sequence, choices: Sequence[tuple[int, int]]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpq.intexec import intermediates
+from mpq.rounding import half_up
 from mpq.quant import quantizer as qz
 
 
@@ -41,7 +42,7 @@ def compare(model, manifest: dict, tensors: dict, images) -> list[dict]:
     x, y = taps[op["name"]]
     fq = y / op["input_scale"] + op["input_zero_point"]
     got = np.asarray(env[op["input"]], np.float64).reshape(fq.shape)
-    d = np.abs(np.round(fq) - got)
+    d = np.abs(half_up(fq) - got)
     v = np.asarray(x, np.float64) / op["input_scale"]
     near = np.abs(v - np.floor(v) - 0.5) <= 2.0 ** -21 * np.maximum(np.abs(v), 1.0)
     rows.append({"layer": op["name"], "max_lsb": float(d.max()), "mean_lsb": float(d.mean()),

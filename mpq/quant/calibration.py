@@ -81,7 +81,7 @@ def amax_mse(h: Histogram, bits: int, signed: bool, start: int = 128) -> float:
   cands = centers[min(start, len(centers) - 1):]
   cands = cands[::max(1, len(cands) // 512)]
   s = cands[:, None] / qmax
-  q = np.clip(np.round(centers[None, :] / s), 0, qmax) * s
+  q = np.clip(core.round_half_up(centers[None, :] / s), 0, qmax) * s
   err = ((centers[None, :] - q) ** 2 * h.counts[None, :]).sum(axis=1)
   return float(cands[int(np.argmin(err))])
 
@@ -147,11 +147,9 @@ def weight_amax(w, method: str, bits) -> jnp.ndarray:
   if method != "mse":
     raise ValueError(f"unknown weight calibration {method!r}; use one of {WEIGHT_METHODS}")
   ratios = jnp.linspace(0.2, 1.0, 81)
-  _, qmax = core.qrange(bits, signed=True, narrow=True)
 
   def err(r):
-    s = jnp.maximum(r * amax, 1e-8) / qmax
-    q = jnp.clip(jnp.round(w / s), -qmax, qmax) * s
+    q = core.fake_quant(w, core.symmetric_scale(r * amax, bits), 0.0, bits, True, narrow=True)
     return jnp.sum(jnp.square(q - w), axis=axes)
 
   errs = jnp.stack([err(r) for r in ratios])  # [ratios, channels]

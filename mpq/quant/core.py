@@ -17,7 +17,7 @@ constant, so changing a layer's bitwidth between steps does not recompile. `scal
 `zero_point` broadcast against `x`: a scalar for per-tensor quantization, or shaped like
 `channel_shape(x.ndim, axis, n)` for per-channel quantization along `axis`.
 
-Rounding is `round_half_up` (`floor(v + 1/2)`, ties toward +inf): the rounding of gemmlowp's
+Rounding is `round_half_up` (`mpq.rounding.half_up`, ties toward +inf): the rounding of gemmlowp's
 fixed-point multiply, so that evaluation and the integer executor agree on exact ties (which are
 common with power-of-two scales). `fake_quant` passes gradients straight through inside the
 clipping range and blocks them outside (the clipped straight-through estimator); the learned
@@ -29,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mpq.rounding import half_up as round_half_up  # the mpq target's rule (mpq.rounding)
+
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -36,13 +38,6 @@ def pow2i(e) -> jax.Array:
   """Exactly 2^e as float32 for integer-valued `e` (array or int), via an integer shift."""
   e = jnp.asarray(e)
   return jnp.left_shift(jnp.int32(1), e.astype(jnp.int32)).astype(jnp.float32)
-
-
-def round_half_up(v) -> jax.Array:
-  """`floor(v + 1/2)` without the float error of adding 1/2 (e.g. 0.49999997 + 0.5 == 1.0 in
-  float32): `floor(v) + (v - floor(v) >= 1/2)`, where the subtraction is exact."""
-  f = jnp.floor(v)
-  return f + (v - f >= 0.5).astype(f.dtype)
 
 
 def qrange(bits, signed: bool, narrow: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -112,11 +107,6 @@ def fake_quant(x, scale, zero_point, bits, signed: bool, narrow: bool = False) -
   """
   qmin, qmax = qrange(bits, signed, narrow)
   return _fake_quant(x, scale, zero_point, qmin, qmax)
-
-
-def pow2_scale(scale) -> jax.Array:
-  """Rounds a positive scale up to a power of two: `2^ceil(log2(scale))`."""
-  return jnp.exp2(jnp.ceil(jnp.log2(scale)))
 
 
 def symmetric_scale(amax, bits, signed: bool = True, narrow: bool = True) -> jax.Array:

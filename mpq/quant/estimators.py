@@ -78,33 +78,32 @@ def lsq_plus(x, s, beta, n, p):
 
 
 # ----------------------------------------------------------------------------------------------- TQT
+def tqt_scale(log2_t, bits, signed: bool) -> jax.Array:
+  """TQT's power-of-2 scale `2^ceil(log2_t) / 2^(b-1)` (signed) or `/ 2^b` (unsigned): the one
+  place this formula lives (the estimator's forward, its weight grid and its export use it)."""
+  return jnp.exp2(jnp.ceil(log2_t)) / pow2i(jnp.asarray(bits) - (1 if signed else 0))
+
+
 @jax.custom_vjp
-def _tqt(x, log2_t, denom, n, p):
-  s = jnp.exp2(jnp.ceil(log2_t)) / denom
+def _tqt(x, log2_t, s, n, p):
   return jnp.clip(round_half_up(x / s), n, p) * s
 
 
-def _tqt_fwd(x, log2_t, denom, n, p):
-  s = jnp.exp2(jnp.ceil(log2_t)) / denom
+def _tqt_fwd(x, log2_t, s, n, p):
   v = x / s
-  return jnp.clip(round_half_up(v), n, p) * s, (v, s, log2_t, denom, n, p)
+  return jnp.clip(round_half_up(v), n, p) * s, (v, s, log2_t, n, p)
 
 
 def _tqt_bwd(res, g):
-  v, s, log2_t, denom, n, p = res
+  v, s, log2_t, n, p = res
   inside = (v >= n) & (v <= p)
   dx = jnp.where(inside, g, 0.0)
   dl = s * LN2 * jnp.where(v < n, n, jnp.where(v > p, p, round_half_up(v) - v))
   z = jnp.zeros_like
-  return dx, reduce_to(g * dl, jnp.shape(log2_t)), z(denom), z(n), z(p)
+  return dx, reduce_to(g * dl, jnp.shape(log2_t)), z(s), z(n), z(p)
 
 
 _tqt.defvjp(_tqt_fwd, _tqt_bwd)
-
-
-def tqt_scale(log2_t, bits, signed: bool) -> jax.Array:
-  """TQT's power-of-2 scale `2^ceil(log2_t) / 2^(b-1)` (signed) or `/ 2^b` (unsigned)."""
-  return jnp.exp2(jnp.ceil(log2_t)) / pow2i(jnp.asarray(bits) - (1 if signed else 0))
 
 
 def tqt(x, log2_t, bits, signed: bool):
@@ -115,8 +114,7 @@ def tqt(x, log2_t, bits, signed: bool):
              `d q / d log2_t = s ln2 (round(v) - v)` inside, `s ln2 n` below, `s ln2 p` above.
   """
   n, p = qrange(bits, signed)
-  denom = pow2i(jnp.asarray(bits) - (1 if signed else 0))
-  return _tqt(x, log2_t, denom, n, p)
+  return _tqt(x, log2_t, tqt_scale(log2_t, bits, signed), n, p)
 
 
 # --------------------------------------------------------------------------------------------- noise
