@@ -171,8 +171,8 @@ def test_measured_sensitivity_equals_one_at_a_time_evaluation():
         bits = choice[0] if q.role == "weight" else choice[1]
       q.bits.value = jnp.float32(bits)
     seen = {}
-    from mpq.quant.calibration import observing
-    with observing(lambda q, w: seen.__setitem__(id(q), w)):
+    from mpq.quant.quantizer import hooks
+    with hooks(m, observe=lambda q, w: seen.__setitem__(id(q), w)):
       m(jnp.asarray(x[:1]), train=False)
     for _, q in sens._quantizers(m):
       if q.role == "weight":

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mpq.quant import core, estimators as est
+from mpq.quant.oscillation import Oscillation
 from mpq.quant.quantizer import Quantizer
 
 RNG = np.random.RandomState(0)
@@ -266,19 +267,19 @@ def test_dbits_quantizer_evaluates_at_rounded_bits():
 
 @pytest.mark.parametrize("estimator", ["ste", "lsq", "tqt", "noise", "dbits"])
 def test_quantizer_output_lies_on_its_exported_grid(estimator):
-  """Eval output == dequantize(quantize(x)) with the (scale, zero_point, bits) `params()` reports."""
+  """Eval output == dequantize(quantize(x)) on the grid `integer_grid()` reports."""
   q = Quantizer("l", "act", estimator, 4, signed=False)
   q.set_range(2.5, lo=0.0)
   x = jnp.asarray(np.abs(RNG.randn(64, 8)).astype(np.float32) * 1.5)
-  scale, zp, bits, signed = q.params()
-  ref = core.dequantize(core.quantize(x, scale, zp, bits, signed, narrow=estimator == "dbits"),
-                        scale, zp)
+  g = q.integer_grid()
+  scale, zp = g["scale"], g["zero_point"]
+  ref = core.dequantize(core.quantize(x, scale, zp, g["bits"], g["signed"], g["narrow"]), scale, zp)
   np.testing.assert_allclose(q(x, train=False), ref, rtol=1e-6, atol=1e-7)
 
 
 def _osc_quantizer(freeze=0.0, dampen=False, m=0.25):
-  q = Quantizer("l", "weight", "lsq", 4, channels=2, ndim=2, track_shape=(1, 2), osc_momentum=m,
-                osc_freeze=freeze, osc_dampen=dampen)
+  q = Quantizer("l", "weight", "lsq", 4, channels=2, ndim=2, kernel_shape=(1, 2),
+                oscillation=Oscillation(track=True, freeze=freeze, momentum=m, dampen=dampen))
   q.step_size.value = jnp.full((1, 2), 0.1)
   return q
 

@@ -114,8 +114,8 @@ def test_eval_is_integer_conv_plus_int32_bias(bits):
   calib.calibrate(q, [x])
   q.bn.mean.value = jnp.asarray([7.3, -11.9, 5.1, 13.7], jnp.float32)  # a non-trivial bias
   w_fold, b_fold, _ = q.folded()
-  sw, _, _, _ = q.wq.params()
-  sa, za, _, _ = q.aq.params()
+  sw = q.wq.integer_grid(q.folded()[0])["scale"]
+  sa, za = q.aq.integer_grid()["scale"], q.aq.integer_grid()["zero_point"]
   lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
   sw64 = np.asarray(sw, np.float64).reshape(-1)
   wi = np.clip(rhu(np.asarray(w_fold) / sw64), lo, hi)

@@ -22,23 +22,19 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mpq.allocate.ilp import solve_ilp
 from mpq.errors import UserError
+from mpq.quant import estimators as est
+from mpq.quant.quantizer import quantizers
 
 
 def _weight_quantizers(model):
-  from mpq.quant.quantizer import Quantizer  # pylint: disable=g-import-not-at-top
-  out = {}
-  for path, m in nnx.iter_modules(model):
-    if isinstance(m, Quantizer) and m.role == "weight" and m.estimator == "dbits":
-      out["/".join(str(k) for k in path[:-1])] = m
-  return out
+  return {layer: q for layer, q in quantizers(model) if q.role == "weight" and q.method.learns_bits}
 
 
 def effective_bits(q):
-  return jnp.where(q.fixed_bits.value > 0, q.fixed_bits.value, jnp.clip(q.bits.value, 2.0, 16.0))
+  return est.effective_bits(q.bits.value, q.fixed_bits.value)
 
 
 def make_budget(weights: dict[str, int], budget_bits: float, lagrange_lr: float, stop_step: int):
@@ -59,11 +55,9 @@ def make_budget(weights: dict[str, int], budget_bits: float, lagrange_lr: float,
 
 def setup(model, mc, a_bits: int) -> None:
   """Fixes activation bits and pinned layers before phase 1 (in place)."""
-  from mpq.quant.quantizer import Quantizer  # pylint: disable=g-import-not-at-top
-  for path, m in nnx.iter_modules(model):
-    if not isinstance(m, Quantizer) or m.estimator != "dbits":
+  for layer, m in quantizers(model):
+    if not m.method.learns_bits:
       continue
-    layer = "/".join(str(k) for k in path[:-1])
     pin = next((int(b) for pattern, b in mc.pins if re.fullmatch(pattern, layer)), None)
     if m.role == "act":
       m.fixed_bits.value = jnp.float32(pin if pin is not None else a_bits)

@@ -27,6 +27,7 @@ from flax import nnx
 
 from mpq.quant import calibration as calib
 from mpq.quant import core
+from mpq.quant.quantizer import hooks, quantizers
 
 
 # -------------------------------------------------------------------------------------- Hutchinson
@@ -99,9 +100,7 @@ def hessian_sensitivity(traces: np.ndarray, kernels: Sequence, choices: Sequence
 
 # ---------------------------------------------------------------------------------------- measured
 def _quantizers(model) -> list[tuple[str, object]]:
-  from mpq.quant.quantizer import Quantizer  # pylint: disable=g-import-not-at-top
-  return [("/".join(str(k) for k in path), m) for path, m in nnx.iter_modules(model)
-          if isinstance(m, Quantizer)]
+  return [(f"{layer}/{q.role}", q) for layer, q in quantizers(model)]
 
 
 def measured_sensitivity(model: nnx.Module, layers: Sequence[str], choices: Sequence[tuple[int, int]],
@@ -120,7 +119,7 @@ def measured_sensitivity(model: nnx.Module, layers: Sequence[str], choices: Sequ
   from mpq.losses import cross_entropy  # pylint: disable=g-import-not-at-top
 
   qs = _quantizers(model)
-  bad = [p for p, q in qs if q.estimator != "dbits"]
+  bad = [p for p, q in qs if not q.method.learns_bits]
   if bad:
     raise ValueError(f"measured sensitivity needs dbits quantizers everywhere; not: {bad[:3]}")
   owner = [p.rsplit("/", 1)[0] for p, _ in qs]
@@ -128,7 +127,7 @@ def measured_sensitivity(model: nnx.Module, layers: Sequence[str], choices: Sequ
   if missing:
     raise ValueError(f"layers {missing} have no quantizer")
   seen = {}
-  with calib.observing(lambda q, x: seen.__setitem__(id(q), np.asarray(x))):
+  with hooks(model, observe=lambda q, x: seen.__setitem__(id(q), np.asarray(x))):
     model(jnp.asarray(images[:1]), train=False)
   w_idx = [i for i, (_, q) in enumerate(qs) if q.role == "weight"]
   wbits = sorted({c[0] for c in choices} | {16})

@@ -29,11 +29,8 @@ def compare(model, manifest: dict, tensors: dict, images) -> list[dict]:
     if q.role == "act":
       taps[q.name] = (np.asarray(x), np.asarray(y))
 
-  qz.TAPS.append(tap)
-  try:
+  with qz.hooks(model, tap=tap):
     logits_fq = np.asarray(model(jnp.asarray(images), train=False))
-  finally:
-    qz.TAPS.remove(tap)
   env = intermediates(manifest, tensors, images)
   rows = []
   for op in manifest["ops"]:

@@ -64,7 +64,7 @@ def grid(q, tensor=None) -> dict:
   g = q.integer_grid(tensor)
   if g is None:
     raise ExportError(f"{q.name}/{q.role} does not evaluate on an integer grid (estimator "
-                      f"{q.estimator!r}{', bypassed' if q.bypass else ''}); integer export needs "
+                      f"{q.method.name!r}{', bypassed' if q.bypass else ''}); integer export needs "
                       "every dense/conv layer quantized with ste, lsq, noise, tqt or dbits")
   bits = int(g["bits"])
   qmin, qmax = (int(v) for v in core.qrange(bits, g["signed"], g["narrow"]))

@@ -20,8 +20,6 @@ and passes it through unchanged), then sets every quantizer's range with `Quanti
 
 from __future__ import annotations
 
-import contextlib
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -156,16 +154,6 @@ def weight_amax(w, method: str, bits) -> jnp.ndarray:
   return ratios[jnp.argmin(errs, axis=0)] * amax
 
 
-@contextlib.contextmanager
-def observing(fn):
-  """Within the block, every non-identity `Quantizer` calls `fn(quantizer, x)` and returns x."""
-  qz.OBSERVERS.append(fn)
-  try:
-    yield
-  finally:
-    qz.OBSERVERS.remove(fn)
-
-
 def calibrate(model: nnx.Module, batches, act_method: str = "max", weight_method: str = "max",
               percentile: float = 99.99) -> dict[str, float]:
   """Sets every quantizer's range from `batches` (iterable of image arrays); returns the
@@ -183,7 +171,7 @@ def calibrate(model: nnx.Module, batches, act_method: str = "max", weight_method
     else:
       hists.setdefault(id(q), Histogram()).update(x)
 
-  with observing(observe):
+  with qz.hooks(model, observe=observe):
     for images in batches:
       model(jnp.asarray(images), train=False)
   report = {}

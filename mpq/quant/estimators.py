@@ -186,6 +186,14 @@ def noisy(q, x, amplitude, u):
 
 
 # --------------------------------------------------------------------------------------------- dbits
+def effective_bits(bits, fixed_bits, integer: bool = False) -> jax.Array:
+  """The bitwidth a `dbits` quantizer uses: its fixed bits once set (`fixed_bits > 0`), else the
+  continuous `bits` clipped to [MIN_BITS, MAX_BITS], rounded half up first when `integer` (the
+  bits it evaluates and exports at). The size budget of `mixed.method=dbits` counts these bits."""
+  b = round_half_up(bits) if integer else bits
+  return jnp.where(fixed_bits > 0, fixed_bits, jnp.clip(b, MIN_BITS, MAX_BITS))
+
+
 def dbits(x, amax, bits, signed: bool, grad_scale=1.0):
   """Differentiable bitwidth (Uhlich et al. 2020 parametrisation; SDQ-style interpolation).
 

@@ -33,6 +33,7 @@ from mpq import layers as float_layers
 from mpq.errors import UserError
 from mpq.layers import Layer, note_cost, recorded
 from mpq.quant import core
+from mpq.quant.oscillation import Oscillation
 from mpq.quant.quantizer import Quantizer
 
 _he = nnx.initializers.he_normal()
@@ -63,13 +64,11 @@ class QuantOptions:
 
 def _quantizer(name, role, lq: LayerQuant, opts: QuantOptions, **kw):
   bits = lq.w_bits if role == "weight" else lq.a_bits
-  track = kw.pop("kernel_shape", None) if (opts.osc_track or opts.osc_freeze > 0) else None
-  kw.pop("kernel_shape", None)
+  osc = Oscillation(track=opts.osc_track, freeze=opts.osc_freeze, momentum=opts.osc_momentum,
+                    dampen=opts.osc_dampen)
   return Quantizer(name, role, lq.estimator, bits, ema_decay=opts.ema_decay,
                    noise_lambda0=opts.noise_lambda0, noise_tau=opts.noise_tau, noise_rng=opts.noise_rng,
-                   bypass=opts.bypass,
-                   track_shape=track, osc_momentum=opts.osc_momentum, osc_freeze=opts.osc_freeze,
-                   osc_dampen=opts.osc_dampen, **kw)
+                   bypass=opts.bypass, oscillation=osc, **kw)
 
 
 def integer_form(aq, wq, w, w_q, b):

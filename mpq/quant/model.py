@@ -10,7 +10,7 @@ from flax import nnx
 
 from mpq import models
 from mpq.quant.layers import LayerQuant, QuantLayers, QuantOptions
-from mpq.quant.quantizer import Quantizer
+from mpq.quant.quantizer import quantizers
 from mpq.quant.rules import resolve
 
 
@@ -45,12 +45,10 @@ def current_bits(model: nnx.Module) -> dict[str, dict[str, float]]:
   """`{layer: {"w_bits": b, "a_bits": b}}` read from the model's quantizers (dbits: the integer bits
   it evaluates at)."""
   out: dict[str, dict[str, float]] = {}
-  for path, module in nnx.iter_modules(model):
-    if isinstance(module, Quantizer) and module.estimator != "none":
-      layer = "/".join(str(k) for k in path[:-1])
-      key = "w_bits" if module.role == "weight" else "a_bits"
-      b = module.int_bits() if module.estimator == "dbits" else module.bits.value
-      out.setdefault(layer, {})[key] = float(jax.device_get(b))
+  for layer, q in quantizers(model):
+    if q.method.quantizes:
+      key = "w_bits" if q.role == "weight" else "a_bits"
+      out.setdefault(layer, {})[key] = float(jax.device_get(q.int_bits()))
   return out
 
 

@@ -5,7 +5,7 @@ Layout in the workdir:
   best/<step>/          the checkpoint with the best test accuracy seen so far
 Each checkpoint holds `state` (the train state flattened to `{'params.conv1.conv.kernel.value': array,
 ...}`, so that a restore checks every name and shape against the model being built) and `meta` (JSON:
-step, config, metrics). Saves are asynchronous; orbax writes into a temporary directory and renames it
+step, config, metrics, `checkpoint_version`). Saves are asynchronous; orbax writes into a temporary directory and renames it
 when complete, so a run killed mid-save leaves the previous checkpoint intact.
 """
 
@@ -21,6 +21,18 @@ import orbax.checkpoint as ocp
 from mpq.errors import CheckpointError
 
 LATEST, BEST = "checkpoints", "best"
+
+# Layout versions (`meta["checkpoint_version"]`; absent = 1):
+#   1  optimizer state of one optax chain over every parameter (mpq before issue 14)
+#   2  optimizer state of `optax.multi_transform`: the model's optimizer and one per quantizer
+#      parameter group (`mpq.train.optim`); parameter and statistics names unchanged
+# A v1 checkpoint evaluates, exports and initialises runs (`init_from`) as before; resuming it
+# fails with one line that says so.
+VERSION = 2
+
+
+def version(meta: dict) -> int:
+  return int(meta.get("checkpoint_version", 1))
 
 
 def flatten(tree) -> dict[str, Any]:
@@ -64,6 +76,7 @@ class Checkpointer:
     self.best = _manager(os.path.join(workdir, BEST), 1)
 
   def save(self, step: int, state, meta: dict, best: bool = False) -> None:
+    meta = {**meta, "checkpoint_version": VERSION}
     flat = flatten(state)
     args = ocp.args.Composite(state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta))
     self.latest.save(step, args=args, force=True)
@@ -126,6 +139,12 @@ def restore(directory: str, step: int | None, like) -> tuple[Any, dict]:
     if like is None:
       out = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return None, dict(out["meta"])
+    meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    if version(meta) != VERSION:
+      raise CheckpointError(
+          f"{where} has checkpoint layout v{version(meta)} and this mpq writes v{VERSION} (the "
+          "optimizer state changed), so it cannot be resumed; evaluate or export it with eval.py, "
+          "or start a new workdir from it with --config.init_from")
     target = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in flatten(like).items()}
     try:
       out = mngr.restore(step, args=ocp.args.Composite(
@@ -144,12 +163,14 @@ def restore(directory: str, step: int | None, like) -> tuple[Any, dict]:
     mngr.close()
 
 
-def restore_subset(directory: str, step: int | None, like: dict) -> tuple[dict, dict]:
+def restore_subset(directory: str, step: int | None, like: dict,
+                   strict: bool = False) -> tuple[dict, dict]:
   """Restores the entries of `like` (`{"params": ..., "rest": ...}`) that the checkpoint holds.
 
   Every `params.*` / `rest.*` entry of the checkpoint must exist in `like` with the same shape (so a
   float checkpoint fits its quantized model, not the reverse); entries of `like` the checkpoint
-  lacks keep their values. Returns (filled `like`, meta).
+  lacks keep their values, or with `strict` are an error (evaluation: the model variables of
+  a checkpoint of any layout version, without its optimizer state). Returns (filled `like`, meta).
   """
   step, where = _pick(directory, step)
   mngr = _manager(directory, 1, read_only=True)
@@ -168,6 +189,10 @@ def restore_subset(directory: str, step: int | None, like: dict) -> tuple[dict, 
     raise CheckpointError(f"{where} does not fit this model: it holds {extra[:3]}"
                           f"{'...' if len(extra) > 3 else ''}, which this model lacks; "
                           "use the same model and model_kwargs")
+  missing = [n for n in names if n not in raw]
+  if strict and missing:
+    raise CheckpointError(f"{where} does not fit this model: it lacks {missing[:3]}"
+                          f"{'...' if len(missing) > 3 else ''}; use the config it was trained with")
   filled = []
   for n, (_, ref) in zip(names, leaves):
     if n in raw:

@@ -366,8 +366,10 @@ def _restored(workdir, config, data, directory, step, ptq, bypass=False):
                                                                "rest": state.rest})
     state = calibrate_state(config, data, graphdef,
                             state._replace(params=restored["params"], rest=restored["rest"]))
-  else:
-    state, meta = ckpt_lib.restore(directory, step, state)
+  else:  # the model variables only: evaluation needs no optimizer state
+    restored, meta = ckpt_lib.restore_subset(directory, step, {"params": state.params,
+                                                               "rest": state.rest}, strict=True)
+    state = state._replace(params=restored["params"], rest=restored["rest"])
   return graphdef, state, meta, qtable
 
 

@@ -6,61 +6,92 @@ import jax
 import optax
 from flax import nnx
 
+from mpq.quant import methods
+from mpq.quant.methods import ParamGroup
+from mpq.quant.variables import QParam
 
-def schedule(config, num_steps: int) -> optax.Schedule:
-  """Linear warm-up over `warmup_steps`, then constant or cosine decay to 0 at `num_steps`."""
+
+def schedule(config, num_steps: int, peak: float | None = None) -> optax.Schedule:
+  """Linear warm-up over `warmup_steps`, then constant or cosine decay to 0 at `num_steps`, peaking
+  at `peak` (default `learning_rate`)."""
+  peak = config.learning_rate if peak is None else peak
   warmup = min(config.warmup_steps, max(num_steps - 1, 0))
   if config.schedule == "constant":
-    main = optax.constant_schedule(config.learning_rate)
+    main = optax.constant_schedule(peak)
   else:
-    main = optax.cosine_decay_schedule(config.learning_rate, max(num_steps - warmup, 1))
+    main = optax.cosine_decay_schedule(peak, max(num_steps - warmup, 1))
   if warmup == 0:
     return main
-  ramp = optax.linear_schedule(0.0, config.learning_rate, warmup)
+  ramp = optax.linear_schedule(0.0, peak, warmup)
   return optax.join_schedules([ramp, main], [warmup])
 
 
 def _decay_mask(params):
   """Weight decay applies to kernels (arrays of rank >= 2), not to biases, BatchNorm scales or
-  quantizer parameters (`QParam`: step sizes, thresholds, bits). The mask is a prefix tree with
-  one bool per variable."""
-  from mpq.quant.quantizer import QParam  # pylint: disable=g-import-not-at-top
+  quantizer parameters (those have their own optimizers). The mask is a prefix tree with one bool
+  per variable."""
 
   def decays(v):
     if isinstance(v, nnx.Variable):
-      return not isinstance(v, QParam) and v.value.ndim >= 2
+      return v.value.ndim >= 2
     return v.ndim >= 2
 
   return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def labels(params):
+  """The optimizer label of every parameter: `main` for model parameters, the estimator's group
+  (`QParam` metadata `opt_group`, e.g. `lsq/step_size`) for quantizer parameters."""
+  def label(v):
+    return v.opt_group if isinstance(v, QParam) else "main"
+  return jax.tree.map(label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_lr(config) -> float:
+  """The peak learning rate of quantizer parameters: `quant.param_lr`, or with 0 the model's
+  learning rate for adam/adamw (the quantizer parameters then train as Adam at the model's rate)
+  and 1e-3 for sgd (an SGD rate is no Adam rate: at resnet20's 0.1, Adam would move a step size
+  by 0.1 per step)."""
+  lr = float(config.quant.get("param_lr", 0.0))
+  if lr > 0:
+    return lr
+  return config.learning_rate if config.optimizer in ("adam", "adamw") else 1e-3
+
+
+def _group_tx(config, num_steps: int, group: ParamGroup) -> optax.GradientTransformation:
+  if group.lr_field:
+    section, field = group.lr_field.split(".")
+    lr = optax.constant_schedule(float(config[section][field]) * group.lr_scale)
+  else:
+    lr = schedule(config, num_steps, peak=param_lr(config) * group.lr_scale)
+  if group.optimizer == "sgd":
+    return optax.sgd(lr, momentum=config.momentum, nesterov=True)
+  return optax.adam(lr)
+
+
 def build(config, num_steps: int) -> optax.GradientTransformation:
-  """The optimizer; with `mixed.method=dbits` the continuous bitwidths get their own Adam."""
-  main = _build_main(config, num_steps)
-  if not (config.quant.enabled and config.mixed.enabled and config.mixed.method == "dbits"):
-    return main
-
-  def labels(params):
-    def label(path, _):
-      return "bits" if jax.tree_util.keystr(path).endswith("['bits'].value") else "main"
-    return jax.tree_util.tree_map_with_path(label, params)
-
-  return optax.multi_transform({"main": main, "bits": optax.adam(config.mixed.dbits_lr)}, labels)
+  """The optimizer: the model's parameters by `config.optimizer`, each group of quantizer
+  parameters by the optimizer its estimator declares (`mpq.quant.methods.ParamGroup`), applied by
+  label through `optax.multi_transform`. Gradient clipping (`grad_clip_norm`) sees all of them."""
+  groups = {"main": _build_main(config, num_steps)}
+  for name, group in methods.param_groups().items():
+    groups[name] = _group_tx(config, num_steps, group)
+  tx = optax.multi_transform(groups, labels)
+  if config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
 
 
 def _build_main(config, num_steps: int) -> optax.GradientTransformation:
   lr = schedule(config, num_steps)
-  chain = []
-  if config.grad_clip_norm > 0:
-    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
   wd = config.weight_decay
   if config.optimizer == "adamw":
-    chain.append(optax.adamw(lr, weight_decay=wd, mask=_decay_mask))
+    return optax.adamw(lr, weight_decay=wd, mask=_decay_mask)
+  chain = []
+  if wd > 0:  # L2 regularisation: grad += wd * w
+    chain.append(optax.add_decayed_weights(wd, mask=_decay_mask))
+  if config.optimizer == "sgd":
+    chain.append(optax.sgd(lr, momentum=config.momentum, nesterov=True))
   else:
-    if wd > 0:  # L2 regularisation: grad += wd * w
-      chain.append(optax.add_decayed_weights(wd, mask=_decay_mask))
-    if config.optimizer == "sgd":
-      chain.append(optax.sgd(lr, momentum=config.momentum, nesterov=True))
-    else:
-      chain.append(optax.adam(lr))
+    chain.append(optax.adam(lr))
   return optax.chain(*chain)

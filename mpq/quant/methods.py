@@ -1,0 +1,344 @@
+"""The estimator registry: one small object per estimator, owning everything about it.
+
+An entry (`Estimator` subclass, registered in `ESTIMATORS` by its `name`) defines
+  variables(spec)        the quantizer variables it needs (`QParam`: learned; `QState`: statistics)
+  forward(q, x, train)   the fake-quantized tensor, with the estimator's custom gradient
+                         (the pure `jax.custom_vjp` functions of `mpq.quant.estimators`)
+  weight_grid(q, w)      `(scale, qmin, qmax)` of a weight's grid without gradients, for the
+                         oscillation tracker (`mpq.quant.oscillation`); None where there is none
+  integer_grid(q, x)     the integer grid evaluation runs on (what the exporter writes), or None
+  set_range(q, amax, lo) calibration: initialise its parameters from a calibrated range
+  eval_bits(q)           the integer bitwidth used at evaluation
+  param_groups           the optimizer of each of its learned parameters (`ParamGroup`, applied by
+                         label through `optax.multi_transform` in `mpq.train.optim`)
+`q` is the `Quantizer` module holding the variables and a `Spec` (`q.spec`). Adding an estimator is
+one class here plus its tests; `Quantizer` has no branch on estimator names.
+
+Entries: none, ste (Jacob et al. 2017), lsq (Esser et al. 2019), lsq+ (Bhalgat et al. 2020),
+tqt (Jain et al. 2019), noise (Wang et al. 2022), dbits (Uhlich et al. 2020 / SDQ); see each class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from mpq.quant import core
+from mpq.quant import estimators as est
+from mpq.quant.variables import QParam, QState
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+  """How a group of learned quantizer parameters is optimized (`mpq.train.optim`).
+
+  optimizer   'adam' (the default: step sizes and log-thresholds span decades, and TQT's paper
+              trains thresholds with an adaptive optimizer for this reason) or 'sgd'
+  lr_scale    multiplies the quantizer learning rate (`config.quant.param_lr`; 0 means the model's
+              learning rate with adam/adamw, 1e-3 with sgd), on the model's schedule
+  lr_field    instead: a constant learning rate read from this config path (e.g. 'mixed.dbits_lr')
+  """
+  optimizer: str = "adam"
+  lr_scale: float = 1.0
+  lr_field: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What a quantizer quantizes (static): its name, role ('weight' or 'act'), whether its grid is
+  signed, the shape of its per-channel parameters (() for per-tensor) and the estimator options."""
+  name: str
+  role: str
+  signed: bool
+  shape: tuple
+  ema_decay: float = 0.99
+  noise_lambda0: float = 0.0
+  noise_tau: float = 1000.0
+  noise_rng: str = "hash"
+  seed: int = 0
+
+  @property
+  def is_weight(self) -> bool:
+    return self.role == "weight"
+
+
+def positive(v):
+  """Learned step sizes and ranges enter as `max(|v|, 1e-8)`: an optimizer step that carries one
+  across zero (Adam moves it by about the learning rate whatever its size) must not flip or empty
+  the grid."""
+  return jnp.maximum(jnp.abs(v), 1e-8)
+
+
+def per_scale(spec: Spec, x) -> float:
+  """Elements sharing one scale: per channel for weights, per example for activations."""
+  if spec.is_weight:
+    return x.size / max(math.prod(spec.shape), 1)
+  return x.size / x.shape[0]
+
+
+def _grid(scale, bits, signed, narrow, zero_point=None) -> dict:
+  return {"scale": scale, "zero_point": jnp.zeros(()) if zero_point is None else zero_point,
+          "bits": bits, "signed": bool(signed), "narrow": bool(narrow)}
+
+
+class Estimator:
+  """Base of the registry entries (see the module docstring). Stateless: state is in `q`."""
+  name: ClassVar[str]
+  quantizes: ClassVar[bool] = True  # False: identity (the layer stays float)
+  learns_bits: ClassVar[bool] = False  # True: `bits` is a QParam and `fixed_bits` exists
+  tracks_oscillations: ClassVar[bool] = True  # weights can be tracked / frozen (Nagel et al.)
+  param_groups: ClassVar[dict] = {}
+
+  def variables(self, spec: Spec, bits: float) -> dict:
+    return {"bits": QState(jnp.asarray(bits, jnp.float32))}
+
+  def forward(self, q, x, train: bool):
+    raise NotImplementedError
+
+  def weight_grid(self, q, w):
+    return None
+
+  def integer_grid(self, q, x=None) -> dict | None:
+    return None
+
+  def set_range(self, q, amax, lo=None) -> None:
+    pass
+
+  def eval_bits(self, q):
+    return jnp.clip(core.round_half_up(q.bits.value), core.MIN_BITS, core.MAX_BITS)
+
+  def _param(self, value, group: str):
+    return QParam(value, opt_group=f"{self.name}/{group}")
+
+
+class Identity(Estimator):
+  """`none`: the tensor passes unchanged; no integer grid (the layer cannot be exported)."""
+  name = "none"
+  quantizes = False
+  tracks_oscillations = False
+
+  def forward(self, q, x, train):
+    return x
+
+
+class STE(Estimator):
+  """`ste` (Jacob et al. 2017): ranges are statistics, the gradient is the clipped straight-through.
+
+  weights      symmetric per channel, narrow grid `[-(2^(b-1) - 1), 2^(b-1) - 1]`, scale
+               `max|w| / qmax` from the current weight
+  activations  affine on the unsigned grid `[0, 2^b - 1]` from an EMA (decay `ema_decay`) of the
+               batch min/max, starting from the calibrated range
+  """
+  name = "ste"
+
+  def variables(self, spec, bits):
+    v = super().variables(spec, bits)
+    if not spec.is_weight:
+      v["lo"] = QState(jnp.asarray(-1.0 if spec.signed else 0.0))
+      v["hi"] = QState(jnp.asarray(1.0))
+    return v
+
+  def _weight_scale(self, q, w, bits):
+    w = jax.lax.stop_gradient(w)
+    amax = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True).reshape(q.spec.shape)
+    return core.symmetric_scale(amax, bits)
+
+  def forward(self, q, x, train):
+    bits = q.bits.value
+    if q.spec.is_weight:
+      return core.fake_quant(x, self._weight_scale(q, x, bits), 0.0, bits, True, narrow=True)
+    if train:
+      xs = jax.lax.stop_gradient(x)
+      d = q.spec.ema_decay
+      q.lo.value = d * q.lo.value + (1 - d) * jnp.min(xs)
+      q.hi.value = d * q.hi.value + (1 - d) * jnp.max(xs)
+    scale, zp = core.affine_params(q.lo.value, q.hi.value, bits)
+    return core.fake_quant(x, scale, zp, bits, signed=False)
+
+  def weight_grid(self, q, w):
+    bits = q.bits.value
+    n, p = core.qrange(bits, True, narrow=True)
+    return self._weight_scale(q, w, bits), n, p
+
+  def integer_grid(self, q, x=None):
+    bits = self.eval_bits(q)
+    if q.spec.is_weight:  # the scale comes from the weight's current max
+      return _grid(self._weight_scale(q, x, bits), bits, True, True)
+    scale, zp = core.affine_params(q.lo.value, q.hi.value, bits)
+    return _grid(scale, bits, False, False, zp)
+
+  def set_range(self, q, amax, lo=None):
+    if not q.spec.is_weight:
+      q.lo.value = jnp.asarray(lo if lo is not None else (-amax if q.spec.signed else 0.0),
+                               jnp.float32)
+      q.hi.value = amax
+
+
+class LSQ(Estimator):
+  """`lsq` (Esser et al. 2019): a learned step size `s` per tensor (activations) or per output
+  channel (weights), `round(clip(x / s, n, p)) * s`, with LSQ's gradients and gradient scale
+  `1 / sqrt(N p)` (`mpq.quant.estimators.lsq`)."""
+  name = "lsq"
+  param_groups = {"step_size": ParamGroup()}
+
+  def variables(self, spec, bits):
+    v = super().variables(spec, bits)
+    v["step_size"] = self._param(jnp.full(spec.shape, 0.05, jnp.float32), "step_size")
+    return v
+
+  def _grad_scale(self, q, x, p):
+    return est.lsq_grad_scale(per_scale(q.spec, x), p)
+
+  def forward(self, q, x, train):
+    n, p = core.qrange(q.bits.value, q.spec.signed)
+    s = est.scale_grad(positive(q.step_size.value), self._grad_scale(q, x, p))
+    return est.lsq(x, s, n, p)
+
+  def weight_grid(self, q, w):
+    n, p = core.qrange(q.bits.value, True)
+    return jax.lax.stop_gradient(positive(q.step_size.value)), n, p
+
+  def integer_grid(self, q, x=None):
+    return _grid(positive(q.step_size.value), self.eval_bits(q), q.spec.signed, False)
+
+  def set_range(self, q, amax, lo=None):
+    _, p = core.qrange(self.eval_bits(q), q.spec.signed)
+    q.step_size.value = amax / p
+
+
+class LSQPlus(LSQ):
+  """`lsq+` (Bhalgat et al. 2020): `lsq` plus a learned offset `beta` for signed activations,
+  `round(clip((x - beta) / s, n, p)) * s + beta`. The offset is not an integer zero point, so such
+  a quantizer has no integer grid (export needs lsq, ste, tqt, noise or dbits there)."""
+  name = "lsq+"
+  param_groups = {"step_size": ParamGroup(), "offset": ParamGroup()}
+
+  @staticmethod
+  def _has_offset(spec):
+    return not spec.is_weight and spec.signed
+
+  def variables(self, spec, bits):
+    v = super().variables(spec, bits)
+    if self._has_offset(spec):
+      v["offset"] = self._param(jnp.zeros(spec.shape, jnp.float32), "offset")
+    return v
+
+  def forward(self, q, x, train):
+    if not self._has_offset(q.spec):
+      return super().forward(q, x, train)
+    n, p = core.qrange(q.bits.value, q.spec.signed)
+    s = est.scale_grad(positive(q.step_size.value), self._grad_scale(q, x, p))
+    return est.lsq_plus(x, s, q.offset.value, n, p)
+
+  def integer_grid(self, q, x=None):
+    return None if self._has_offset(q.spec) else super().integer_grid(q, x)
+
+
+class Noise(LSQ):
+  """`noise` (Wang et al. 2022, noise tempering): `lsq` plus, in training, decaying error-aware
+  noise `lambda0 exp(-t / tau) |Q(x) - x| u`, u ~ U(-1, 1) (`mpq.quant.estimators.noisy`), and a
+  learned scale `exp(rho)` of the step-size gradient."""
+  name = "noise"
+  param_groups = {"step_size": ParamGroup(), "grad_log_scale": ParamGroup()}
+
+  def variables(self, spec, bits):
+    v = super().variables(spec, bits)
+    v["grad_log_scale"] = self._param(jnp.zeros((), jnp.float32), "grad_log_scale")
+    return v
+
+  def _grad_scale(self, q, x, p):
+    return super()._grad_scale(q, x, p) * jnp.exp(q.grad_log_scale.value)
+
+  def forward(self, q, x, train):
+    y = super().forward(q, x, train)
+    spec = q.spec
+    if train and spec.noise_lambda0 > 0:
+      amp = est.noise_amplitude(q.count.value, spec.noise_lambda0, spec.noise_tau)
+      u = est.noise_uniform(spec.noise_rng, spec.seed, q.count.value, jnp.shape(y))
+      y = est.noisy(y, x, amp, u)
+    return y
+
+
+class TQT(Estimator):
+  """`tqt` (Jain et al. 2019): a trained log2 threshold per tensor or channel, power-of-2 scale
+  `2^ceil(log2_t) / 2^(b-1)` (`mpq.quant.estimators.tqt`, `tqt_scale`)."""
+  name = "tqt"
+  param_groups = {"log2_t": ParamGroup()}
+
+  def variables(self, spec, bits):
+    v = super().variables(spec, bits)
+    v["log2_t"] = self._param(jnp.zeros(spec.shape, jnp.float32), "log2_t")
+    return v
+
+  def forward(self, q, x, train):
+    return est.tqt(x, q.log2_t.value, q.bits.value, q.spec.signed)
+
+  def weight_grid(self, q, w):
+    bits = q.bits.value
+    n, p = core.qrange(bits, True)
+    return est.tqt_scale(q.log2_t.value, bits, True), n, p
+
+  def integer_grid(self, q, x=None):
+    bits = self.eval_bits(q)
+    return _grid(est.tqt_scale(q.log2_t.value, bits, q.spec.signed), bits, q.spec.signed, False)
+
+  def set_range(self, q, amax, lo=None):
+    q.log2_t.value = jnp.log2(amax)
+
+
+class DBits(Estimator):
+  """`dbits` (Uhlich et al. 2020 / SDQ): a learned range `amax` and a learned continuous bitwidth
+  (`mpq.quant.estimators.dbits`); evaluates at `effective_bits(..., integer=True)`. `fixed_bits > 0`
+  (set by `mixed.method=dbits` rounding, or by pins) fixes an integer bitwidth."""
+  name = "dbits"
+  learns_bits = True
+  tracks_oscillations = False
+  param_groups = {"amax": ParamGroup(),
+                  "bits": ParamGroup(lr_field="mixed.dbits_lr", lr_scale=1.0)}
+
+  def variables(self, spec, bits):
+    return {"bits": self._param(jnp.asarray(bits, jnp.float32), "bits"),
+            "fixed_bits": QState(jnp.zeros((), jnp.float32)),
+            "amax": self._param(jnp.ones(spec.shape, jnp.float32), "amax")}
+
+  def forward(self, q, x, train):
+    if train:  # once fixed, train at the fixed integer bits (no gradient to `bits`)
+      bits = jnp.where(q.fixed_bits.value > 0, q.fixed_bits.value, q.bits.value)
+    else:
+      bits = self.eval_bits(q)
+    signed = q.spec.signed
+    _, p = core.qrange(jnp.floor(jnp.clip(bits, core.MIN_BITS, core.MAX_BITS)), signed,
+                       narrow=signed)
+    g = est.lsq_grad_scale(per_scale(q.spec, x), p)
+    return est.dbits(x, positive(q.amax.value), bits, signed, g)
+
+  def integer_grid(self, q, x=None):
+    bits = self.eval_bits(q)
+    signed = q.spec.signed
+    _, p = core.qrange(bits, signed, narrow=signed)
+    return _grid(positive(q.amax.value) / p, bits, signed, signed)
+
+  def set_range(self, q, amax, lo=None):
+    q.amax.value = amax
+
+  def eval_bits(self, q):
+    return est.effective_bits(q.bits.value, q.fixed_bits.value, integer=True)
+
+
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
+    Identity(), STE(), LSQ(), LSQPlus(), Noise(), TQT(), DBits())}
+
+
+def get(name: str) -> Estimator:
+  if name not in ESTIMATORS:
+    raise ValueError(f"unknown estimator {name!r}; use one of {tuple(ESTIMATORS)}")
+  return ESTIMATORS[name]
+
+
+def param_groups() -> dict[str, ParamGroup]:
+  """Every optimizer group label (`estimator/parameter`) -> its `ParamGroup`."""
+  return {f"{e.name}/{k}": g for e in ESTIMATORS.values() for k, g in e.param_groups.items()}
