@@ -23,7 +23,7 @@ def main(argv):
     raise UserError("--config is required, e.g. --config=configs/fmnist_cnn.py")
   if not FLAGS.workdir:
     raise UserError("--workdir is required: the directory for checkpoints and logs")
-  from mpq.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from mpq.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
   result = train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
   print(f"final: step {result['step']}  test accuracy {100 * result['accuracy']:.2f}%  "
         f"loss {result['loss']:.4f}  ({result['num_examples']} examples)")

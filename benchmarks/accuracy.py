@@ -30,7 +30,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import fmnist_cnn  # noqa: E402  pylint: disable=g-import-not-at-top
-from mpq.train import evaluate_checkpoint, train_and_evaluate  # noqa: E402
+from mpq.experiment import train_and_evaluate  # noqa: E402
+from mpq.train import evaluate_checkpoint  # noqa: E402
 
 TARGETS = {"ptq_w8a8": 0.5, "qat_w8a8": 0.5, "qat_w4a4": 0.5, "qat_w3a3": 1.0, "qat_w2a2": 3.0}
 ROWS = (["fp32", "ptq_w8a8", "qat_w8a8", "qat_w4a4", "qat_w3a3", "qat_w2a2"]

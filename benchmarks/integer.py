@@ -46,15 +46,15 @@ RESNET_PIN = "stem|head"
 
 def resnet_float(args) -> str:
   from configs import fmnist_resnet20  # pylint: disable=g-import-not-at-top
-  from mpq.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from mpq.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
   train_and_evaluate(fmnist_resnet20.get_config(), args.resnet_float, progress=False)
   return args.resnet_float
 
 
 def row_workdir(name: str, args) -> str:
   """Trains (or reuses) the QAT checkpoint of a row; returns its workdir."""
-  from mpq.allocate import pareto  # pylint: disable=g-import-not-at-top
-  from mpq.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from benchmarks import pareto  # pylint: disable=g-import-not-at-top
+  from mpq.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
   model, what = name.split("_", 1)
   if model == "cnn":
     acc_args = argparse.Namespace(**{**vars(args), "workdir": args.accuracy_workdir})

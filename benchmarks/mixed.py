@@ -27,8 +27,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import accuracy  # noqa: E402  pylint: disable=g-import-not-at-top
 from mpq import data as data_lib, models  # noqa: E402
-from mpq.allocate import pareto  # noqa: E402
-from mpq.train import train_and_evaluate  # noqa: E402
+from benchmarks import pareto  # noqa: E402
+from mpq.experiment import train_and_evaluate  # noqa: E402
 
 PIN = "conv1|head"
 

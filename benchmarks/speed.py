@@ -55,12 +55,11 @@ def _step_fn(config, data):
   """(jitted train step, state, graphdef) for `config` (no calibration: timing only)."""
   import jax  # pylint: disable=g-import-not-at-top
   from mpq.train import optim  # pylint: disable=g-import-not-at-top
-  from mpq.train.loop import _with_method_state, build_model  # pylint: disable=g-import-not-at-top
+  from mpq.train.loop import build_model  # pylint: disable=g-import-not-at-top
   from mpq.train.state import init_state, make_train_step  # pylint: disable=g-import-not-at-top
   model, _ = build_model(config, data)
   tx = optim.build(config, 1000)
   graphdef, state = init_state(model, tx)
-  state = _with_method_state(config, state)
   return jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,)), state, graphdef
 
 

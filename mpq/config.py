@@ -509,7 +509,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if mc.enabled:
     check(qc.enabled, "config.mixed.enabled=True needs config.quant.enabled=True")
     if mc.method == "dbits":
-      check(qc.estimator == "dbits",
+      from mpq.quant import methods  # pylint: disable=g-import-not-at-top
+      check(methods.get(qc.estimator).learns_bits,  # an estimator with learned bits
             f"config.mixed.method='dbits' needs --config.quant.estimator=dbits "
             f"(config.quant.estimator={qc.estimator!r})")
       check(mc.weight_bits_avg > 0,

@@ -217,7 +217,7 @@ from conftest import run_cli  # noqa: E402
 @pytest.fixture(scope="module")
 def float_tiny(tmp_path_factory):
   from configs import tiny
-  from mpq.train import train_and_evaluate
+  from mpq.experiment import train_and_evaluate
   wd = str(tmp_path_factory.mktemp("float"))
   train_and_evaluate(tiny.get_config(), wd, progress=False)
   return wd
@@ -226,7 +226,7 @@ def float_tiny(tmp_path_factory):
 @pytest.mark.parametrize("sensitivity", ["hessian", "measured"])
 def test_tiny_mixed_ilp_run_meets_its_budget(float_tiny, tmp_path, sensitivity):
   from configs import tiny
-  from mpq.train import train_and_evaluate
+  from mpq.experiment import train_and_evaluate
   c = tiny.get_config()
   c.quant.enabled, c.init_from, c.num_train_steps = True, float_tiny, 8
   m = c.mixed
@@ -277,7 +277,7 @@ def test_mixed_config_errors(float_tiny, tmp_path, flags, message):
 
 def test_tiny_dbits_run_rounds_to_a_feasible_assignment(float_tiny, tmp_path):
   from configs import tiny
-  from mpq.train import train_and_evaluate
+  from mpq.experiment import train_and_evaluate
   c = tiny.get_config()
   c.quant.enabled, c.quant.estimator, c.quant.w_bits = True, "dbits", 6
   c.init_from, c.num_train_steps = float_tiny, 24

@@ -38,7 +38,7 @@ def test_pack_layout_is_documented_order():
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
   from configs import tiny
-  from mpq.train import train_and_evaluate
+  from mpq.experiment import train_and_evaluate
   base = tmp_path_factory.mktemp("exp")
   c = tiny.get_config()
   train_and_evaluate(c, str(base / "float"), progress=False)
@@ -201,7 +201,7 @@ def test_manifest_validation_errors(tiny_export, tmp_path, edit, message):
 
 def test_export_refuses_float_checkpoints(tmp_path):
   from configs import tiny
-  from mpq.train import train_and_evaluate
+  from mpq.experiment import train_and_evaluate
   c = tiny.get_config()
   c.num_train_steps = 2
   train_and_evaluate(c, str(tmp_path / "f"), progress=False)

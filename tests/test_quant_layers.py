@@ -16,7 +16,8 @@ from mpq.layers import ConvBN
 from mpq.quant import calibration as calib, model as quant_model
 from mpq.quant import LayerQuant, QuantLayers, QuantOptions, Quantizer, resolve, set_bits
 from mpq.quant.layers import QuantConvBN
-from mpq.train import compile_count, optim, state as st, train_and_evaluate
+from mpq.experiment import train_and_evaluate
+from mpq.train import compile_count, optim, state as st
 
 RNG = np.random.RandomState(0)
 

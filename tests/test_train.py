@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 from mpq import data, models
-from mpq.train import compile_count, optim, state as st, train_and_evaluate
+from mpq.experiment import train_and_evaluate
+from mpq.train import compile_count, optim, state as st
 
 TINY = ["train.py", "--config=configs/tiny.py"]
 

@@ -38,7 +38,8 @@ def effective_bits(q):
 
 
 def make_budget(weights: dict[str, int], budget_bits: float, lagrange_lr: float, stop_step: int):
-  """The `budget` hook of `make_train_step` (see the module docstring)."""
+  """The budget penalty inside the train step (see the module docstring):
+  `budget(model, extra, step) -> (penalty, new_extra, metrics)`."""
 
   def budget(model, extra, step):
     qs = _weight_quantizers(model)
@@ -51,6 +52,41 @@ def make_budget(weights: dict[str, int], budget_bits: float, lagrange_lr: float,
     return penalty, {"lagrange": new_lam}, {"size_ratio": ratio, "lagrange": lam}
 
   return budget
+
+
+class Training:
+  """`mixed.method=dbits` as a training hook (`mpq.train.loop.Hook`): the Lagrange multiplier in
+  the train state, the budget penalty in every step until `round_step`, then the rounding.
+
+  `weights`: kernel elements per allocated layer; `merge(state) -> model` and
+  `update(state, model) -> state` move between the train state and a model on the host."""
+
+  def __init__(self, mc, weights: dict[str, int], total_steps: int, merge, update):
+    self.mc, self.weights = mc, weights
+    self.budget_bits = float(mc.weight_bits_avg) * sum(weights.values())
+    self.round_step = int(mc.dbits_fraction * total_steps)
+    self.penalty = make_budget(weights, self.budget_bits, mc.lagrange_lr, self.round_step)
+    self.merge, self.update = merge, update
+
+  def init_extra(self):
+    return {"lagrange": jnp.zeros((), jnp.float32)}
+
+  def after_step(self, step: int, state):
+    if step != self.round_step:
+      return state
+    model = self.merge(state)
+    assignment = round_bits(model, self.weights, self.budget_bits, self.mc.bit_choices)
+    used = sum(self.weights[p] * b for p, b in assignment.items()) / sum(self.weights.values())
+    print(f"dbits: rounded to {assignment} (weight bits avg {used:.3f}); fine-tuning", flush=True)
+    return self.update(state, model)
+
+  def report(self, bits: dict, state) -> dict:
+    """`bits.json` additions: the budget, the weight bits used, the multiplier."""
+    total = float(sum(self.weights[p] * bits[p]["w_bits"] for p in self.weights))
+    return {"_budgets": {"weight_bits": self.budget_bits},
+            "_totals": {"weight_bits": total, "weight_bits_avg": total / sum(self.weights.values())},
+            "_allocation": {"method": "dbits", "round_step": self.round_step,
+                            "lagrange": float(state.extra["lagrange"])}}
 
 
 def setup(model, mc, a_bits: int) -> None:

@@ -1,14 +1,14 @@
 """`mixed.method=ilp` in the training workflow: sensitivities, costs, budgets, pins -> an assignment.
 
-Called by the training loop before QAT starts (not on resume: the bits then come from the
-checkpoint). The allocated layers are the dense and conv layers; additions keep their `quant`
+Called by the experiment orchestrator (`mpq.experiment`) before QAT starts (not on resume: the
+bits then come from the checkpoint), with the float model and a calibration set; this module does
+not read checkpoints or data itself. The allocated layers are the dense and conv layers; additions keep their `quant`
 rule/default bits. A choice is a (w_bits, a_bits) pair: `(b, b)` for every b in `mixed.bit_choices`,
 or `(b, mixed.a_bits)` when `mixed.a_bits > 0` (weights only; a pinned layer then takes `(p, p)`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -21,7 +21,10 @@ from mpq import models
 from mpq.allocate import costs as cost_lib
 from mpq.allocate import sensitivity as sens
 from mpq.allocate.ilp import solve_greedy, solve_ilp
+from mpq import quant
 from mpq.errors import UserError
+from mpq.losses import cross_entropy
+from mpq.quant import model as quant_model
 
 BUDGETS = ("weight_bits_avg", "bops_ratio", "activation_bits_max", "latency")
 
@@ -78,32 +81,11 @@ def budgets_of(mc, layers) -> dict[str, float]:
   return out
 
 
-def _calibration_set(config, data, n: int):
-  from mpq import data as data_lib  # pylint: disable=g-import-not-at-top
-  ds = data_lib.train_dataset(data, min(n, len(data.train)), config.seed + 2, 1)
-  batch = next(iter(data_lib.iterate(ds, 0)))
-  return np.asarray(batch["image"]), np.asarray(batch["label"])
-
-
-def _float_model(config, data):
-  from mpq.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  model = models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
-                       **config.model_kwargs.to_dict())
-  params, rest = nnx.state(model, nnx.Param), nnx.state(model, nnx.Not(nnx.Param))
-  restored, _ = ckpt_lib.restore_subset(os.path.join(config.init_from, ckpt_lib.LATEST), None,
-                                        {"params": params, "rest": rest})
-  nnx.update(model, restored["params"], restored["rest"])
-  return model
-
-
 def _prefix(path: str) -> str:
   return "".join(f"['{p}']" for p in path.split("/"))
 
 
-def hessian_scores(config, data, paths, choices):
-  from mpq.losses import cross_entropy  # pylint: disable=g-import-not-at-top
-  model = _float_model(config, data)
-  x, y = _calibration_set(config, data, config.mixed.calib_examples)
+def hessian_scores(config, model, x, y, paths, choices):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss(p):
@@ -122,29 +104,23 @@ def hessian_scores(config, data, paths, choices):
              "probes": int(r["probes"])}
 
 
-def measured_scores(config, data, paths, choices):
-  from mpq import quant  # pylint: disable=g-import-not-at-top
-  from mpq.quant import model as quant_model  # pylint: disable=g-import-not-at-top
+def measured_scores(config, fm, x, y, num_classes, paths, choices):
   c = config.copy_and_resolve_references()
   c.quant.enabled, c.quant.estimator, c.quant.rules = True, "dbits", ()
-  model, _ = quant_model.build(c, data.num_classes, data.image_shape)
-  fm = _float_model(config, data)
+  model, _ = quant_model.build(c, num_classes, x.shape[1:])
   nnx.update(model, nnx.state(fm, nnx.Param), nnx.state(fm, nnx.BatchStat))
-  x, y = _calibration_set(config, data, config.mixed.calib_examples)
   quant.calibrate(model, [x], config.quant.calib_act, config.quant.calib_weight,
                   config.quant.calib_percentile)
   s, base = sens.measured_sensitivity(model, paths, choices, x, y)
   return s, {"reference_loss": base}
 
 
-def allocate(config, data) -> dict:
-  """Runs the allocation; returns `{"assignment": {path: {"w_bits", "a_bits"}}, "report": {...}}`."""
+def allocate(config, float_model, images, labels, num_classes: int) -> dict:
+  """Runs the allocation for the trained `float_model` with the calibration set `images`, `labels`;
+  returns `{"assignment": {path: {"w_bits", "a_bits"}}, "report": {...}}`."""
   mc = config.mixed
-  if not config.init_from:
-    raise UserError("mixed.method=ilp needs a float checkpoint: set --config.init_from=FLOAT_WORKDIR")
-  fm = models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
-                    **config.model_kwargs.to_dict())
-  layers = models.layer_costs(fm, data.image_shape)
+  x, y = np.asarray(images), np.asarray(labels)
+  layers = models.layer_costs(float_model, x.shape[1:])
   paths = list(layers)
   choices = choices_of(mc)
   allowed = allowed_mask(paths, choices, mc)
@@ -159,9 +135,9 @@ def allocate(config, data) -> dict:
     raise UserError(f"mixed budgets: {e}") from None
   t0 = time.time()
   if mc.sensitivity == "hessian":
-    s, info = hessian_scores(config, data, paths, choices)
+    s, info = hessian_scores(config, float_model, x, y, paths, choices)
   else:
-    s, info = measured_scores(config, data, paths, choices)
+    s, info = measured_scores(config, float_model, x, y, num_classes, paths, choices)
   seconds = time.time() - t0
   try:
     pick = solver(s, {k: tables[k] for k in budgets}, budgets, allowed=allowed)

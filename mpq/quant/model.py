@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 from flax import nnx
 
@@ -67,10 +64,3 @@ def bits_table(model: nnx.Module, table: dict[str, LayerQuant], image_shape) -> 
 
 def _num(b: float):
   return int(b) if float(b).is_integer() else round(float(b), 4)
-
-
-def write_bits(path: str, bits: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(bits, f, indent=2)
-  os.replace(tmp, path)

@@ -1,9 +1,9 @@
-"""The training loop (`train_and_evaluate`) and checkpoint evaluation (`evaluate_checkpoint`).
+"""The training loop (`fit`) and checkpoint evaluation (`evaluate_checkpoint`, `load_model`).
 
-Resumption: re-running the same command on a workdir restores the newest checkpoint in
-`WORKDIR/checkpoints` and continues from its step. Batch k and every random draw of step k are
-functions of (seed, k) only (see `mpq.data.pipeline`), so a resumed run is the same computation as
-an uninterrupted one.
+`fit` trains a prepared state: the experiment orchestrator (`mpq.experiment`) decides what that
+state is (fresh, resumed, allocated, calibrated) and which method hooks run. Batch k and every
+random draw of step k are functions of (seed, k) only (see `mpq.data.pipeline`), so a resumed run
+is the same computation as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from flax import nnx
 from mpq import config as config_lib
 from mpq import data as data_lib
 from mpq import models, quant
-from mpq.allocate import dbits as dbits_lib
 from mpq.quant import model as quant_model
 from mpq.errors import NonFiniteLossError, UserError
 from mpq.train import checkpoint as ckpt_lib
@@ -69,49 +68,6 @@ def build_model(config, data: data_lib.Dataset, bypass: bool = False):
                       **config.model_kwargs.to_dict()), None
 
 
-def load_teacher(workdir: str, data: data_lib.Dataset):
-  """(graphdef, (params, rest)) of the model in `workdir`'s latest checkpoint, built from the config
-  it was trained with (the distillation teacher, usually the float model)."""
-  directory = os.path.join(workdir, ckpt_lib.LATEST)
-  _, meta = ckpt_lib.restore(directory, None, None)
-  tconfig = config_lib.from_dict(meta["config"])
-  model, _ = build_model(tconfig, data)
-  graphdef, params, rest = split_model(model)
-  restored, _ = ckpt_lib.restore_subset(directory, meta["step"], {"params": params, "rest": rest})
-  print(f"distilling from {workdir} (step {meta['step']})", flush=True)
-  return graphdef, (restored["params"], restored["rest"])
-
-
-def _dbits_budget(config, data):
-  """(kernel elements per allocated layer, the weight-bit budget) for mixed.method=dbits."""
-  fm = models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
-                    **config.model_kwargs.to_dict())
-  weights = {p: v["weights"] for p, v in models.layer_costs(fm, data.image_shape).items()}
-  return weights, float(config.mixed.weight_bits_avg) * sum(weights.values())
-
-
-def _round_dbits(config, graphdef, state, weights, budget_bits, rep):
-  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest))
-  assignment = dbits_lib.round_bits(model, weights, budget_bits, config.mixed.bit_choices)
-  _, params, rest = split_model(model)
-  used = sum(weights[p] * b for p, b in assignment.items()) / sum(weights.values())
-  print(f"dbits: rounded to {assignment} (weight bits avg {used:.3f}); fine-tuning", flush=True)
-  return jax.device_put(state._replace(params=params, rest=rest), rep)
-
-
-def _allocate(config, data, graphdef, state):
-  """mixed.method=ilp: allocates bits from the float checkpoint and sets them in the state."""
-  from mpq.allocate import workflow  # pylint: disable=g-import-not-at-top
-  allocation = workflow.allocate(config, data)
-  model = nnx.merge(graphdef, state.params, state.rest)
-  quant.set_bits(model, allocation["assignment"])
-  _, params, rest = split_model(model)
-  t = allocation["report"]["totals"]
-  print(f"allocated bits by {config.mixed.sensitivity} sensitivity + {config.mixed.solver}: "
-        f"weight bits avg {t['weight_bits_avg']:.3f}, BOPs {t['bops_ratio']:.3f} of W8A8", flush=True)
-  return state._replace(params=params, rest=rest), allocation
-
-
 def calibrate_state(config, data, graphdef, state: TrainState) -> TrainState:
   """Sets quantizer ranges from `quant.calib_batches` training batches (Wu et al. 2020)."""
   qc = config.quant
@@ -146,77 +102,42 @@ def _first_non_finite(pending):
   return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress=None) -> dict:
-  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final eval."""
-  parallel.maybe_initialize_distributed()
-  config_lib.validate(config)
-  data = load_data(config)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  total, per_epoch = num_steps(config, len(data.train))
+class Hook:
+  """A training method's hook into `fit` (e.g. `mixed.method=dbits`): its state rides in
+  `TrainState.extra`; `penalty(model, extra, step) -> (penalty, new_extra, metrics)` runs inside
+  the jitted step and adds to the loss; `after_step(step, state) -> state` runs on the host between
+  steps. The defaults do nothing."""
+
+  def init_extra(self):
+    return ()
+
+  penalty = None
+
+  def after_step(self, step: int, state):
+    return state
+
+
+def fit(config, workdir: str, data, mesh, graphdef, state: TrainState, tx, total: int,
+        per_epoch: int, *, hook: Hook = Hook(), teacher=None, progress=None):
+  """Trains `state` from its step to `total`: checkpoints (latest and best) and metrics in
+  `workdir`, evaluation every `eval_every` steps. `teacher`: `(graphdef, (params, rest))` for
+  knowledge distillation. Returns (final evaluation, final state)."""
   eval_every = config.eval_every or per_epoch
   ckpt_every = config.checkpoint_every or per_epoch
-
-  model, qtable = build_model(config, data)
-  tx = optim.build(config, total)
-  graphdef, state = init_state(model, tx)
-  state = _with_method_state(config, state)
-  dbits_method = config.mixed.enabled and config.mixed.method == "dbits"
-
-  latest = ckpt_lib.steps(os.path.join(workdir, ckpt_lib.LATEST))
-  allocation = None
-  if latest:
-    state, meta = ckpt_lib.restore(os.path.join(workdir, ckpt_lib.LATEST), None, state)
-    print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
-  else:
-    if config.init_from:
-      state = _init_from(config.init_from, state)
-    if config.mixed.enabled and not dbits_method:
-      state, allocation = _allocate(config, data, graphdef, state)
-    if dbits_method:
-      m = nnx.merge(graphdef, state.params, state.rest)
-      dbits_lib.setup(m, config.mixed, config.mixed.a_bits or config.quant.a_bits)
-      _, params, rest = split_model(m)
-      state = state._replace(params=params, rest=rest)
-    if qtable is not None:
-      state = calibrate_state(config, data, graphdef, state)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
-  if qtable is not None and jax.process_index() == 0:
-    model = nnx.merge(graphdef, state.params, state.rest)
-    bits = quant_model.bits_table(model, qtable, data.image_shape)
-    if allocation is not None:
-      rep = allocation["report"]
-      for p, extra in rep["per_layer"].items():
-        bits[p].update(extra)
-      bits["_budgets"], bits["_totals"] = rep["budgets"], rep["totals"]
-      bits["_allocation"] = {k: v for k, v in rep.items()
-                             if k not in ("per_layer", "budgets", "totals")}
-    if allocation is not None or not latest:
-      quant_model.write_bits(os.path.join(workdir, "bits.json"), bits)
-  del model
-
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
   best_meta = checkpointer.best_meta()
   best_acc = best_meta["metrics"]["accuracy"] if best_meta else -1.0
 
   rep = parallel.replicated(mesh)
   state = jax.device_put(state, rep)
-  damp = (dampening_weight(config.quant.osc_dampen, total)
-          if config.quant.enabled and config.quant.osc_dampen > 0 else None)
-  teacher_graphdef, teacher = None, ()
-  if config.quant.enabled and config.quant.teacher_workdir:
-    teacher_graphdef, teacher = load_teacher(config.quant.teacher_workdir, data)
-    teacher = (jax.device_put(teacher, rep),)
-  budget, round_step, weights = None, -1, None
-  if dbits_method:
-    weights, budget_bits = _dbits_budget(config, data)
-    round_step = int(config.mixed.dbits_fraction * total)
-    budget = dbits_lib.make_budget(weights, budget_bits, config.mixed.lagrange_lr, round_step)
+  qc = config.quant
+  damp = (dampening_weight(qc.osc_dampen, total) if qc.enabled and qc.osc_dampen > 0 else None)
+  teacher_graphdef, teacher_args = None, ()
+  if teacher is not None:
+    teacher_graphdef, teacher_vars = teacher
+    teacher_args = (jax.device_put(teacher_vars, rep),)
   train_step = jax.jit(make_train_step(graphdef, tx, config.label_smoothing, damp, teacher_graphdef,
-                                       config.quant.distill_weight, config.quant.distill_temperature,
-                                       budget),
+                                       qc.distill_weight, qc.distill_temperature, hook.penalty),
                        donate_argnums=(0,), out_shardings=(rep, rep))
   eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
 
@@ -228,10 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
   try:
     step = start
     for batch in data_lib.iterate(ds, start):
-      state, metrics = train_step(state, parallel.shard_batch(batch, mesh), *teacher)
+      state, metrics = train_step(state, parallel.shard_batch(batch, mesh), *teacher_args)
       step += 1
-      if step == round_step:
-        state = _round_dbits(config, graphdef, state, weights, budget_bits, rep)
+      state = hook.after_step(step, state)
       pending.append((step, metrics))
       do_eval = step % eval_every == 0 or step == total
       do_ckpt = step % ckpt_every == 0 or step == total
@@ -250,20 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
         checkpointer.save(step, state, meta, best=is_best)
     if result is None:  # resumed at the end: evaluate what is there
       result = evaluate(eval_step, state.params, state.rest, data, config.eval_batch_size, mesh)
-    if dbits_method and jax.process_index() == 0:
-      m = nnx.merge(graphdef, state.params, state.rest)
-      bits = quant_model.bits_table(m, qtable, data.image_shape)
-      bits["_budgets"] = {"weight_bits": budget_bits}
-      bits["_totals"] = {"weight_bits": float(sum(weights[p] * bits[p]["w_bits"] for p in weights))}
-      bits["_totals"]["weight_bits_avg"] = bits["_totals"]["weight_bits"] / sum(weights.values())
-      bits["_allocation"] = {"method": "dbits", "round_step": round_step,
-                             "lagrange": float(state.extra["lagrange"])}
-      quant_model.write_bits(os.path.join(workdir, "bits.json"), bits)
   finally:
     checkpointer.wait()
     checkpointer.close()
     writer.close()
-  return {**result, "step": int(state.step)}
+  return {**result, "step": int(state.step)}, state
 
 
 def _flush(pending, writer, workdir, checkpointer):
@@ -282,36 +193,6 @@ def _flush(pending, writer, workdir, checkpointer):
   mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
   writer.write(step, "train", mean)
   return []
-
-
-def _init_from(init_dir: str, state: TrainState) -> TrainState:
-  """Takes the model variables from `init_dir`'s latest checkpoint; fresh optimizer and step.
-
-  Every model variable of that checkpoint must exist in this model with the same shape (a float
-  checkpoint fits its quantized model: quantized layers keep the float names); variables only this
-  model has (quantizer state) keep their initial values and are calibrated afterwards.
-  """
-  directory = os.path.join(init_dir, ckpt_lib.LATEST)
-  like = {"params": state.params, "rest": state.rest}
-  restored, meta = ckpt_lib.restore_subset(directory, None, like)
-  print(f"initialised from {init_dir} (step {meta['step']})", flush=True)
-  return state._replace(params=restored["params"], rest=restored["rest"])
-
-
-def _write_config(config, workdir: str) -> None:
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, "config.json")
-  text = config.to_json(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      if f.read() != text:
-        print(f"note: the config differs from the one in {path}; keeping the new one "
-              "(the old one stays in the checkpoints' metadata)", flush=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "latest",
@@ -394,13 +275,5 @@ def _checkpoint_config(workdir: str, step: int | None, which: str, overrides: di
   return directory, meta, config, load_data(config)
 
 
-def _with_method_state(config, state: TrainState) -> TrainState:
-  """The training-method state a checkpoint of this config holds (mixed.method=dbits: lambda)."""
-  if config.mixed.enabled and config.mixed.method == "dbits":
-    return state._replace(extra={"lagrange": jnp.zeros((), jnp.float32)})
-  return state
-
-
 def _eval_state(config, model):
-  graphdef, state = init_state(model, optim.build(config, 1))
-  return graphdef, _with_method_state(config, state)
+  return init_state(model, optim.build(config, 1))

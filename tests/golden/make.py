@@ -37,7 +37,7 @@ def main():
   from flax import nnx
   from configs import tiny
   from mpq import data as data_lib, export, intexec
-  from mpq.train import train_and_evaluate
+  from mpq.experiment import train_and_evaluate
   from mpq.train import loop
   from mpq.train import checkpoint as ckpt_lib
   tmp = tempfile.mkdtemp(prefix="mpq_golden_")

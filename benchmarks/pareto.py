@@ -1,6 +1,6 @@
 """Accuracy against model size: mixed precision (ILP) at several budgets next to uniform precision.
 
-  python -m mpq.allocate.pareto --workdir=FLOAT_DIR --weight_bits_avg=2.5,3,4,6 \
+  python benchmarks/pareto.py --workdir=FLOAT_DIR --weight_bits_avg=2.5,3,4,6 \
       [--uniform_bits=2,3,4,8] [--epochs=1] [--sensitivity=hessian] [--out=DIR]
 
 For every budget, a QAT run from the float checkpoint in `FLOAT_DIR` with `mixed.method=ilp`; for
@@ -32,7 +32,7 @@ def qat_config(float_dir: str, epochs: float, lr: float, pin: str):
 
 
 def run_point(c, workdir: str) -> dict:
-  from mpq.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from mpq.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
   r = train_and_evaluate(c, workdir, progress=False)
   with open(os.path.join(workdir, "bits.json"), encoding="utf-8") as f:
     bits = json.load(f)

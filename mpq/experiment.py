@@ -1,0 +1,212 @@
+"""The experiment orchestrator: the one place that knows the whole sequence of a training run.
+
+    resume or init -> allocate -> build -> calibrate -> train (method hooks) -> report
+
+  resume     a workdir with checkpoints continues from the newest (`mpq.train.checkpoint`); the
+             bits, ranges and method state come from the checkpoint, nothing below reruns
+  init       `init_from`: the model variables of another run's latest checkpoint (a float model
+             fits its quantized model: quantized layers keep the float names)
+  allocate   `mixed.method=ilp`: per-layer bits from the float model's sensitivities under the
+             budgets (`mpq.allocate.workflow`, given the float model and a calibration set);
+             `mixed.method=dbits`: fixed activation bits and pins (`mpq.allocate.dbits.setup`)
+  calibrate  quantizer ranges from `quant.calib_batches` training batches
+  train      `mpq.train.loop.fit`, with the method's hook (dbits: budget penalty, then rounding)
+             and the distillation teacher (`quant.teacher_workdir`)
+  report     `config.json` and `bits.json` (`write_bits`, the one writer of bits.json)
+
+The steps do not import each other: training does not import allocation and allocation does not
+import training; this module composes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mpq import config as config_lib
+from mpq import data as data_lib
+from mpq import models, quant
+from mpq.allocate import dbits as dbits_lib
+from mpq.allocate import workflow
+from mpq.quant import model as quant_model
+from mpq.train import checkpoint as ckpt_lib
+from mpq.train import loop, optim, parallel
+from mpq.train.state import TrainState, init_state, split_model
+
+BITS_VERSION = 1
+
+
+def train_and_evaluate(config, workdir: str, progress=None) -> dict:
+  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final eval."""
+  parallel.maybe_initialize_distributed()
+  config_lib.validate(config)
+  data = loop.load_data(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  total, per_epoch = loop.num_steps(config, len(data.train))
+
+  model, qtable = loop.build_model(config, data)
+  tx = optim.build(config, total)
+  graphdef, state = init_state(model, tx)
+  del model
+  hook = _method_hook(config, data, graphdef, total, mesh)
+  state = state._replace(extra=hook.init_extra())
+
+  latest = ckpt_lib.steps(os.path.join(workdir, ckpt_lib.LATEST))
+  allocation = None
+  if latest:
+    state, _ = ckpt_lib.restore(os.path.join(workdir, ckpt_lib.LATEST), None, state)
+    print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
+  else:
+    if config.init_from:
+      state = _init_from(config.init_from, state)
+    if config.mixed.enabled and config.mixed.method == "ilp":
+      state, allocation = _allocate(config, data, graphdef, state)
+    if isinstance(hook, dbits_lib.Training):
+      state = _with_model(graphdef, state, lambda m: dbits_lib.setup(
+          m, config.mixed, config.mixed.a_bits or config.quant.a_bits))
+    if qtable is not None:
+      state = loop.calibrate_state(config, data, graphdef, state)
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+  if qtable is not None and (allocation is not None or not latest):
+    write_bits(workdir, _bits_report(graphdef, state, qtable, data, allocation))
+
+  teacher = None
+  if config.quant.enabled and config.quant.teacher_workdir:
+    teacher = load_teacher(config.quant.teacher_workdir, data)
+  result, state = loop.fit(config, workdir, data, mesh, graphdef, state, tx, total, per_epoch,
+                           hook=hook, teacher=teacher, progress=progress)
+  if isinstance(hook, dbits_lib.Training):
+    bits = _bits_report(graphdef, state, qtable, data, None)
+    write_bits(workdir, {**bits, **hook.report(bits, state)})
+  return result
+
+
+def _with_model(graphdef, state: TrainState, fn) -> TrainState:
+  """Applies `fn(model)` (in place) to the model of `state` on the host; returns the new state."""
+  model = nnx.merge(graphdef, state.params, state.rest)
+  fn(model)
+  _, params, rest = split_model(model)
+  return state._replace(params=params, rest=rest)
+
+
+def _method_hook(config, data, graphdef, total: int, mesh) -> loop.Hook:
+  """The training method's hook: `mixed.method=dbits` or none."""
+  if not (config.mixed.enabled and config.mixed.method == "dbits"):
+    return loop.Hook()
+  rep = parallel.replicated(mesh)
+  fm = _float_architecture(config, data)
+  weights = {p: v["weights"] for p, v in models.layer_costs(fm, data.image_shape).items()}
+
+  def merge(state):
+    return nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest))
+
+  def update(state, model):
+    _, params, rest = split_model(model)
+    return jax.device_put(state._replace(params=params, rest=rest), rep)
+
+  return dbits_lib.Training(config.mixed, weights, total, merge, update)
+
+
+def _float_architecture(config, data):
+  return models.build(config.model, data.num_classes, data.image_shape, seed=config.seed,
+                      **config.model_kwargs.to_dict())
+
+
+def _allocate(config, data, graphdef, state):
+  """mixed.method=ilp: bits from the float checkpoint's sensitivities, set in the state."""
+  if not config.init_from:
+    from mpq.errors import UserError  # pylint: disable=g-import-not-at-top
+    raise UserError("mixed.method=ilp needs a float checkpoint: set --config.init_from=FLOAT_WORKDIR")
+  fm = _float_architecture(config, data)
+  params, rest = nnx.state(fm, nnx.Param), nnx.state(fm, nnx.Not(nnx.Param))
+  restored, _ = ckpt_lib.restore_subset(os.path.join(config.init_from, ckpt_lib.LATEST), None,
+                                        {"params": params, "rest": rest})
+  nnx.update(fm, restored["params"], restored["rest"])
+  n = config.mixed.calib_examples
+  ds = data_lib.train_dataset(data, min(n, len(data.train)), config.seed + 2, 1)
+  batch = next(iter(data_lib.iterate(ds, 0)))
+  allocation = workflow.allocate(config, fm, np.asarray(batch["image"]), np.asarray(batch["label"]),
+                                 data.num_classes)
+  state = _with_model(graphdef, state, lambda m: quant.set_bits(m, allocation["assignment"]))
+  t = allocation["report"]["totals"]
+  print(f"allocated bits by {config.mixed.sensitivity} sensitivity + {config.mixed.solver}: "
+        f"weight bits avg {t['weight_bits_avg']:.3f}, BOPs {t['bops_ratio']:.3f} of W8A8", flush=True)
+  return state, allocation
+
+
+def _init_from(init_dir: str, state: TrainState) -> TrainState:
+  """Takes the model variables from `init_dir`'s latest checkpoint; fresh optimizer and step.
+
+  Every model variable of that checkpoint must exist in this model with the same shape (a float
+  checkpoint fits its quantized model: quantized layers keep the float names); variables only this
+  model has (quantizer state) keep their initial values and are calibrated afterwards.
+  """
+  directory = os.path.join(init_dir, ckpt_lib.LATEST)
+  like = {"params": state.params, "rest": state.rest}
+  restored, meta = ckpt_lib.restore_subset(directory, None, like)
+  print(f"initialised from {init_dir} (step {meta['step']})", flush=True)
+  return state._replace(params=restored["params"], rest=restored["rest"])
+
+
+def load_teacher(workdir: str, data: data_lib.Dataset):
+  """(graphdef, (params, rest)) of the model in `workdir`'s latest checkpoint, built from the config
+  it was trained with (the distillation teacher, usually the float model)."""
+  directory = os.path.join(workdir, ckpt_lib.LATEST)
+  _, meta = ckpt_lib.restore(directory, None, None)
+  tconfig = config_lib.from_dict(meta["config"])
+  model, _ = loop.build_model(tconfig, data)
+  graphdef, params, rest = split_model(model)
+  restored, _ = ckpt_lib.restore_subset(directory, meta["step"], {"params": params, "rest": rest},
+                                        strict=True)
+  print(f"distilling from {workdir} (step {meta['step']})", flush=True)
+  return graphdef, (restored["params"], restored["rest"])
+
+
+def _bits_report(graphdef, state, qtable, data, allocation) -> dict:
+  """The per-layer table of `bits.json`, with the ILP allocation's report when there is one."""
+  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest))
+  bits = quant_model.bits_table(model, qtable, data.image_shape)
+  if allocation is not None:
+    rep = allocation["report"]
+    for p, extra in rep["per_layer"].items():
+      bits[p].update(extra)
+    bits["_budgets"], bits["_totals"] = rep["budgets"], rep["totals"]
+    bits["_allocation"] = {k: v for k, v in rep.items()
+                           if k not in ("per_layer", "budgets", "totals")}
+  return bits
+
+
+def write_bits(workdir: str, bits: dict) -> None:
+  """Writes `workdir/bits.json` (process 0 only, atomically): per layer `w_bits`, `a_bits`,
+  `estimator`, `params`, `macs` (and allocation details), plus `_version` and the `_budgets`,
+  `_totals`, `_allocation` sections of a mixed-precision run."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "bits.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"_version": BITS_VERSION, **bits}, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() != text:
+        print(f"note: the config differs from the one in {path}; keeping the new one "
+              "(the old one stays in the checkpoints' metadata)", flush=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
