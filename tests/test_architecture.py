@@ -119,3 +119,35 @@ def test_no_estimator_name_branches_outside_the_registry():
       if pattern.search(code):
         hits.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}")
   assert not hits, "\n".join(hits)
+
+
+# Process-wide state that is not a forward-pass recorder: the XLA compilation counter is fed by
+# jax.monitoring's listener (there is one per process by nature).
+ALLOWED_GLOBAL_LISTS = {("mpq.train.loop", "_compiles")}
+
+
+def test_no_module_global_recorder_lists():
+  """Graph capture, calibration and comparison state is an explicit object (a `Recorder`, a
+  quantizer's `hooks`), never a module-global list that the forward pass appends to. Module-level
+  mutable lists are flagged; dicts only as UPPER_CASE registries."""
+  hits = []
+  for module, path in _modules():
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in tree.body:
+      if isinstance(node, ast.Assign):
+        targets, value = node.targets, node.value
+      elif isinstance(node, ast.AnnAssign) and node.value is not None:
+        targets, value = [node.target], node.value
+      else:
+        continue
+      names = [t.id for t in targets if isinstance(t, ast.Name)]
+      is_list = isinstance(value, ast.List) or (
+          isinstance(value, ast.Call) and getattr(value.func, "id", None) == "list")
+      is_dict = isinstance(value, ast.Dict) or (
+          isinstance(value, ast.Call) and getattr(value.func, "id", None) == "dict")
+      for n in names:
+        if is_list and n != "__all__" and (module, n) not in ALLOWED_GLOBAL_LISTS:
+          hits.append(f"{module}.{n}: a module-global list")
+        if is_dict and not n.isupper():
+          hits.append(f"{module}.{n}: a module-global dict that is not a registry")
+  assert not hits, "\n".join(hits)

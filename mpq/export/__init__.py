@@ -1,7 +1,7 @@
 """Integer export of a quantized model: `OUT/manifest.json` + `OUT/weights.npz`.
 
-Format `mpq-int`, version 1. The op graph comes from one abstract forward pass
-(`mpq.layers.record_graph` under `jax.eval_shape`) and is lowered to integer ops:
+Format `mpq-int`, version 1. The op graph comes from one abstract forward pass (`mpq.graph.capture`)
+and each op kind lowers itself (`mpq.ops`) to these integer IR ops:
 
   quantize     the float input onto the first layer's input grid: clip(round(x / s) + z, lo, hi)
   conv2d       int32 accumulation of (q_in - z_in) * w_int over a conv (stride, SAME padding, groups),
@@ -32,5 +32,6 @@ are packed into uint8 (`pack`).
 """
 
 from mpq.export.exporter import ExportError, export, load, pack, unpack
+from mpq.export.targets import TARGETS
 
-__all__ = ["ExportError", "export", "load", "pack", "unpack"]
+__all__ = ["ExportError", "TARGETS", "export", "load", "pack", "unpack"]

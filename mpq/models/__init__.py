@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mpq.errors import UserError
-from mpq.layers import FloatLayers, Layer, record_costs
+from mpq import graph as graph_lib
+from mpq.layers import FloatLayers, Layer
+from mpq.ops import registry as op_registry
 from mpq.models.cnn import CNN
 from mpq.models.mlp import MLP
 from mpq.models.mobilenet import MobileNetV2
@@ -46,9 +46,10 @@ def layer_table(model: nnx.Module) -> dict[str, Layer]:
 
 def layer_costs(model: nnx.Module, image_shape) -> dict[str, dict]:
   """Per dense/conv layer: `{"params", "weights", "macs" (per example), "in", "out" (shapes)}`, from one
-  abstract forward pass (`jax.eval_shape`, no computation)."""
-  graphdef, state = nnx.split(model)
-  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  with record_costs() as table:
-    jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=False), state, x)
+  abstract forward pass (`mpq.graph.capture`: no computation), each op kind's `cost`."""
+  table = {}
+  for node in graph_lib.capture(model, image_shape).nodes:
+    cost = op_registry.kind(node.kind, where=f"layer {node.name!r}: ").cost(node)
+    if cost is not None:
+      table[node.name] = cost
   return dict(sorted(table.items()))

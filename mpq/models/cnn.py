@@ -11,8 +11,6 @@ which matters on CPUs: it trains at about 900 img/s on 2 cores (the previous all
 
 from flax import nnx
 
-from mpq.layers import relu
-
 
 class CNN(nnx.Module):
   CONVS = (("conv1", 32), ("conv2", 64), ("conv3", 128))
@@ -22,14 +20,16 @@ class CNN(nnx.Module):
     h, w, c = image_shape
     for i, (name, ch) in enumerate(self.CONVS):
       ch = max(8, int(ch * width))
-      setattr(self, name, layers.conv_bn(name, c, ch, 3, 1, signed_input=i == 0, rngs=rngs))
+      setattr(self, name, layers.conv_bn(name, c, ch, 3, 1, signed_input=i == 0, activation="relu",
+                                         rngs=rngs))
       setattr(self, f"pool{i + 1}", layers.max_pool(f"pool{i + 1}", 2))
       c, h, w = ch, h // 2, w // 2
     hidden = max(16, int(self.HIDDEN * width))
-    self.fc1 = layers.dense("fc1", h * w * c, hidden, signed_input=False, rngs=rngs)
+    self.fc1 = layers.dense("fc1", h * w * c, hidden, signed_input=False, activation="relu",
+                            rngs=rngs)
     self.head = layers.dense("head", hidden, num_classes, signed_input=False, rngs=rngs)
 
   def __call__(self, x, train=False):
     for i, (name, _) in enumerate(self.CONVS):
-      x = getattr(self, f"pool{i + 1}")(relu(getattr(self, name)(x, train)), train)
-    return self.head(relu(self.fc1(x, train)), train)
+      x = getattr(self, f"pool{i + 1}")(getattr(self, name)(x, train), train)
+    return self.head(self.fc1(x, train), train)

@@ -2,8 +2,6 @@
 
 from flax import nnx
 
-from mpq.layers import relu
-
 
 class MLP(nnx.Module):
 
@@ -14,11 +12,11 @@ class MLP(nnx.Module):
     self.depth = depth
     for i in range(depth):
       setattr(self, f"dense{i}", layers.dense(f"dense{i}", features, width, signed_input=i == 0,
-                                              rngs=rngs))
+                                              activation="relu", rngs=rngs))
       features = width
     self.head = layers.dense("head", features, num_classes, signed_input=depth == 0, rngs=rngs)
 
   def __call__(self, x, train=False):  # dense layers flatten their input
     for i in range(self.depth):
-      x = relu(getattr(self, f"dense{i}")(x, train))
+      x = getattr(self, f"dense{i}")(x, train)
     return self.head(x, train)

@@ -8,8 +8,6 @@ plan run at stride 1 for 32x32 inputs. Layer paths: `stem`, `block{i}/expand|dw|
 
 from flax import nnx
 
-from mpq.layers import relu6
-
 # (expansion t, channels c, repeats n, first stride s), CIFAR variant of the paper's table 2.
 PLAN = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
         (6, 320, 1, 1))
@@ -23,16 +21,16 @@ class InvertedResidual(nnx.Module):
 
   def __init__(self, path, in_ch, out_ch, expand, stride, layers, *, rngs):
     hidden = in_ch * expand
-    self.expand = (layers.conv_bn(f"{path}/expand", in_ch, hidden, 1, signed_input=True, rngs=rngs)
-                   if expand != 1 else None)
+    self.expand = (layers.conv_bn(f"{path}/expand", in_ch, hidden, 1, signed_input=True,
+                                  activation="relu6", rngs=rngs) if expand != 1 else None)
     self.dw = layers.conv_bn(f"{path}/dw", hidden, hidden, 3, stride, groups=hidden,
-                             signed_input=expand == 1, rngs=rngs)
+                             signed_input=expand == 1, activation="relu6", rngs=rngs)
     self.project = layers.conv_bn(f"{path}/project", hidden, out_ch, 1, signed_input=False, rngs=rngs)
     self.add = layers.add(f"{path}/add") if stride == 1 and in_ch == out_ch else None
 
   def __call__(self, x, train=False):
-    y = x if self.expand is None else relu6(self.expand(x, train))
-    y = self.project(relu6(self.dw(y, train)), train)
+    y = x if self.expand is None else self.expand(x, train)
+    y = self.project(self.dw(y, train), train)
     return y if self.add is None else self.add(y, x, train)
 
 
@@ -40,7 +38,8 @@ class MobileNetV2(nnx.Module):
 
   def __init__(self, num_classes, image_shape, layers, *, rngs, width=0.35):
     c = _round(32, width)
-    self.stem = layers.conv_bn("stem", image_shape[-1], c, 3, 1, signed_input=True, rngs=rngs)
+    self.stem = layers.conv_bn("stem", image_shape[-1], c, 3, 1, signed_input=True,
+                               activation="relu6", rngs=rngs)
     i = 0
     for t, ch, n, s in PLAN:
       out = _round(ch, width)
@@ -51,13 +50,13 @@ class MobileNetV2(nnx.Module):
         i += 1
     self.num_blocks = i
     last = _round(1280, width)
-    self.last = layers.conv_bn("last", c, last, 1, signed_input=True, rngs=rngs)
+    self.last = layers.conv_bn("last", c, last, 1, signed_input=True, activation="relu6", rngs=rngs)
     self.pool = layers.avg_pool("pool")
     self.head = layers.dense("head", last, num_classes, signed_input=False, rngs=rngs)
 
   def __call__(self, x, train=False):
-    x = relu6(self.stem(x, train))
+    x = self.stem(x, train)
     for i in range(self.num_blocks):
       x = getattr(self, f"block{i}")(x, train)
-    x = relu6(self.last(x, train))
+    x = self.last(x, train)
     return self.head(self.pool(x, train), train)

@@ -8,27 +8,25 @@ Layer paths: `stem`, `stage{s}/block{b}/conv1|conv2|shortcut|add`, `pool`, `head
 
 from flax import nnx
 
-from mpq.layers import relu
-
 
 class BasicBlock(nnx.Module):
 
   def __init__(self, path, in_ch, out_ch, stride, layers, *, rngs):
     self.conv1 = layers.conv_bn(f"{path}/conv1", in_ch, out_ch, 3, stride, signed_input=False,
-                                rngs=rngs)
+                                activation="relu", rngs=rngs)
     self.conv2 = layers.conv_bn(f"{path}/conv2", out_ch, out_ch, 3, 1, signed_input=False, rngs=rngs)
     if stride != 1 or in_ch != out_ch:
       self.shortcut = layers.conv_bn(f"{path}/shortcut", in_ch, out_ch, 1, stride,
                                      signed_input=False, rngs=rngs)
     else:
       self.shortcut = None
-    self.add = layers.add(f"{path}/add")
+    self.add = layers.add(f"{path}/add", activation="relu")
 
   def __call__(self, x, train=False):
-    y = relu(self.conv1(x, train))
+    y = self.conv1(x, train)
     y = self.conv2(y, train)
     s = x if self.shortcut is None else self.shortcut(x, train)
-    return relu(self.add(y, s, train))
+    return self.add(y, s, train)
 
 
 class Stage(nnx.Module):
@@ -51,7 +49,8 @@ class ResNet(nnx.Module):
     if (depth - 2) % 6:
       raise ValueError(f"ResNet depth must be 6n+2, got {depth}")
     n = (depth - 2) // 6
-    self.stem = layers.conv_bn("stem", image_shape[-1], width, 3, 1, signed_input=True, rngs=rngs)
+    self.stem = layers.conv_bn("stem", image_shape[-1], width, 3, 1, signed_input=True,
+                               activation="relu", rngs=rngs)
     c = width
     for s, mult in enumerate((1, 2, 4), start=1):
       setattr(self, f"stage{s}", Stage(f"stage{s}", c, width * mult, n, 1 if s == 1 else 2, layers,
@@ -61,6 +60,6 @@ class ResNet(nnx.Module):
     self.head = layers.dense("head", c, num_classes, signed_input=False, rngs=rngs)
 
   def __call__(self, x, train=False):
-    x = relu(self.stem(x, train))
+    x = self.stem(x, train)
     x = self.stage3(self.stage2(self.stage1(x, train), train), train)
     return self.head(self.pool(x, train), train)

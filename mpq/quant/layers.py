@@ -31,7 +31,7 @@ from flax import nnx
 
 from mpq import layers as float_layers
 from mpq.errors import UserError
-from mpq.layers import Layer, note_cost, recorded
+from mpq.layers import Layer, check_activation
 from mpq.quant import core
 from mpq.quant.oscillation import Oscillation
 from mpq.quant.quantizer import Quantizer
@@ -106,33 +106,30 @@ class QuantDense(Layer):
   kind = "dense"
 
   def __init__(self, name, in_features, out_features, lq: LayerQuant, opts: QuantOptions, *,
-               signed_input=True, rngs):
-    self.name = name
+               signed_input=True, activation=None, rngs):
+    self.name, self.activation = name, check_activation(activation)
     self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
     self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=2,
                          kernel_shape=(in_features, out_features))
     self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
 
-  @recorded
   def __call__(self, x, train: bool = False):
-    x = x.reshape(x.shape[0], -1)
-    xq = self.aq(x, train)
+    xq = self.aq(x.reshape(x.shape[0], -1), train)
     kernel, bias = self.linear.kernel.value, self.linear.bias.value
     w = self.wq(kernel, train)
     if train:
       y = xq @ w + bias
     else:
       y = _evaluate(self.aq, self.wq, kernel, w, xq, bias, jnp.matmul)
-    note_cost(self.name, w.shape, x.shape, y.shape, w.size + bias.size)
-    return y
+    return self._emit([x], y)
 
 
 class QuantConvBN(Layer):
   kind = "conv_bn"
 
   def __init__(self, name, in_features, out_features, kernel, stride, groups, lq: LayerQuant,
-               opts: QuantOptions, *, signed_input=True, rngs):
-    self.name = name
+               opts: QuantOptions, *, signed_input=True, activation=None, rngs):
+    self.name, self.activation = name, check_activation(activation)
     self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding="SAME",
                          feature_group_count=groups, use_bias=False, kernel_init=_he, rngs=rngs)
     self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
@@ -167,17 +164,16 @@ class QuantConvBN(Layer):
         x, w, strides, "SAME", feature_group_count=c.feature_group_count,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  @recorded
   def __call__(self, x, train: bool = False):
+    return self._emit([x], self._forward(x, train))
+
+  def _forward(self, x, train):
     w_fold, b_fold, sigma = self.folded()
     xq = self.aq(x, train)
     wq = self.wq(w_fold, train)
     if not train:
-      y = _evaluate(self.aq, self.wq, w_fold, wq, xq, b_fold, self._conv)
-      note_cost(self.name, wq.shape, x.shape, y.shape, wq.size)
-      return y
+      return _evaluate(self.aq, self.wq, w_fold, wq, xq, b_fold, self._conv)
     y = self._conv(xq, wq)
-    note_cost(self.name, wq.shape, x.shape, y.shape, wq.size)
     bn = self.bn
     gamma = bn.scale.value
     self.calls.value = self.calls.value + 1
@@ -205,14 +201,13 @@ class QuantConvBN(Layer):
 class QuantAdd(Layer):
   kind = "add"
 
-  def __init__(self, name, lq: LayerQuant, opts: QuantOptions):
-    self.name = name
+  def __init__(self, name, lq: LayerQuant, opts: QuantOptions, activation=None):
+    self.name, self.activation = name, check_activation(activation)
     self.aq_a = _quantizer(name + "/a", "act", lq, opts, signed=True)
     self.aq_b = _quantizer(name + "/b", "act", lq, opts, signed=True)
 
-  @recorded
   def __call__(self, a, b, train: bool = False):
-    return self.aq_a(a, train) + self.aq_b(b, train)
+    return self._emit([a, b], self.aq_a(a, train) + self.aq_b(b, train))
 
 
 class QuantLayers:
@@ -227,17 +222,17 @@ class QuantLayers:
       raise KeyError(f"layer {name!r} has no resolved quantization settings")
     return self.table[name]
 
-  def dense(self, name, in_features, out_features, *, signed_input=True, rngs):
+  def dense(self, name, in_features, out_features, *, signed_input=True, activation=None, rngs):
     return QuantDense(name, in_features, out_features, self._lq(name), self.opts,
-                      signed_input=signed_input, rngs=rngs)
+                      signed_input=signed_input, activation=activation, rngs=rngs)
 
   def conv_bn(self, name, in_features, out_features, kernel, stride=1, groups=1, *,
-              signed_input=True, rngs):
+              signed_input=True, activation=None, rngs):
     return QuantConvBN(name, in_features, out_features, kernel, stride, groups, self._lq(name),
-                       self.opts, signed_input=signed_input, rngs=rngs)
+                       self.opts, signed_input=signed_input, activation=activation, rngs=rngs)
 
-  def add(self, name):
-    return QuantAdd(name, self._lq(name), self.opts)
+  def add(self, name, activation=None):
+    return QuantAdd(name, self._lq(name), self.opts, activation)
 
   def avg_pool(self, name):
     return float_layers.GlobalAvgPool(name)

@@ -1,0 +1,61 @@
+"""The target registry: what a deployment target decides about an exported integer model.
+
+A target (`Target`, registered in `TARGETS` by name) owns
+  write(out_dir, manifest, tensors)   its file writer
+  multiplier(m, out_max)              how a real multiplier becomes (M0, shift) for its kernels
+  rounding                            the rounding rule of each IR op (`mpq.rounding.RULES` names;
+                                      `"*"` is the default)
+The executor emulates a target by its entry, so "bit-exact with runtime X" is a property of one
+entry and its tests against X. Today's entry is mpq's own format, `mpq` (`mpq-int` manifest +
+weights.npz, half up everywhere, `requant_multiplier`: the more faithful of TFLite's normalised
+double-rounding form and a single-rounding form).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+from mpq.fixedpoint import requant_multiplier
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  name: str
+  write: Callable[[str, dict, dict], None]
+  multiplier: Callable[[float, float], tuple[int, int]]
+  rounding: dict
+
+  def rounding_of(self, op: str) -> str:
+    return self.rounding.get(op, self.rounding["*"])
+
+
+def _write_mpq(out_dir: str, manifest: dict, tensors: dict) -> None:
+  """`out_dir/manifest.json` (atomically) and `out_dir/weights.npz`."""
+  os.makedirs(out_dir, exist_ok=True)
+  np.savez(os.path.join(out_dir, "weights.npz"), **tensors)
+  tmp = os.path.join(out_dir, "manifest.json.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, "manifest.json"))
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def register(target: Target) -> None:
+  TARGETS[target.name] = target
+
+
+def get(name: str) -> Target:
+  if name not in TARGETS:
+    from mpq.errors import UserError  # pylint: disable=g-import-not-at-top
+    raise UserError(f"unknown export target {name!r}; use one of {', '.join(sorted(TARGETS))}")
+  return TARGETS[name]
+
+
+register(Target("mpq", _write_mpq, requant_multiplier, {"*": "half_up"}))

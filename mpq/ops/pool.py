@@ -1,0 +1,94 @@
+"""Pooling: `max_pool` (non-overlapping windows) and `avg_pool` (global average over H, W).
+
+Both sit between an accumulator and the next quantizer (`Transform`):
+  max_pool  commutes with the monotone requantization, so it runs on the requantized integers (or on
+            the accumulator, when a later op needs the accumulator); IR `max_pool`
+  avg_pool  is an integer sum over H, W (IR `sum_pool`, after a rounding right `shift` where the sum
+            of H W accumulators could overflow int32); `1 / (H W)` joins the next multiplier. Every
+            transform before it runs on the accumulator too (ReLU does not commute with a sum).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from mpq.fixedpoint import rounding_divide_by_pot
+from mpq.ops.registry import IROp, Transform, register
+
+
+def max_pool(x, w: int):
+  """Max over non-overlapping `w` x `w` windows of NHWC `x` (VALID: the remainder is cropped)."""
+  b, h, wd, c = x.shape
+  h, wd = h // w, wd // w
+  return x[:, :h * w, :wd * w].reshape(b, h, w, wd, w, c).max(axis=(2, 4))
+
+
+class MaxPool(Transform):
+  name = "max_pool"
+
+  def on_accumulator(self, lw, acc, node):
+    out = lw.new()
+    lw.emit({"op": "max_pool", "name": f"{acc.name}/max_pool", "input": acc.tensor, "output": out,
+             "window": int(node.layer.window)})
+    return acc._replace(tensor=out)
+
+  def after_requantize(self, lw, tensor, node):
+    out = lw.new()
+    lw.emit({"op": "max_pool", "name": f"{lw.consumer}/pool", "input": tensor, "output": out,
+             "window": int(node.layer.window)})
+    return out
+
+
+class AvgPool(Transform):
+  name = "avg_pool"
+  requires_accumulator = True
+
+  def on_accumulator(self, lw, acc, node):
+    n = int(node.in_shapes[0][1]) * int(node.in_shapes[0][2])
+    tensor, scale, bound = acc.tensor, acc.scale, acc.bound
+    # the sum of n accumulators must fit int32: shift right first where the bound says so
+    k = math.ceil(math.log2(bound * n / (2 ** 31 - 1))) if bound * n >= 2 ** 31 else 0
+    if k:
+      out = lw.new()
+      lw.emit({"op": "shift", "name": f"{acc.name}/shift", "input": tensor, "output": out,
+               "right": k})
+      tensor, scale, bound = out, scale * 2 ** k, bound / 2 ** k + 1
+    out = lw.new()
+    lw.emit({"op": "sum_pool", "name": f"{acc.name}/sum_pool", "input": tensor, "output": out})
+    return acc._replace(tensor=out, scale=scale / n, bound=bound * n)  # mean = sum / (H W)
+
+
+class MaxPoolIR(IROp):
+  name = "max_pool"
+
+  def validate(self, op, raw, tensors, need):
+    need(op, "window", isinstance(op.get("window"), int) and op["window"] >= 1,
+         "must be a positive integer")
+
+  def kernel(self, op, env, tensors):
+    return max_pool(env[op["input"]], op["window"])
+
+
+class SumPoolIR(IROp):
+  """Global average pooling's sum over H, W in int32."""
+  name = "sum_pool"
+
+  def kernel(self, op, env, tensors):
+    return jnp.sum(env[op["input"]], axis=(1, 2), dtype=jnp.int32)
+
+
+class ShiftIR(IROp):
+  """Rounding right shift (RoundingDivideByPOT): headroom before a sum."""
+  name = "shift"
+
+  def validate(self, op, raw, tensors, need):
+    need(op, "right", isinstance(op.get("right"), int) and 0 <= op["right"] <= 31,
+         "must be an integer in [0, 31]")
+
+  def kernel(self, op, env, tensors):
+    return rounding_divide_by_pot(env[op["input"]], jnp.int32(op["right"]))
+
+
+register(MaxPool(), AvgPool(), MaxPoolIR(), SumPoolIR(), ShiftIR())
