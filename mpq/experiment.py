@@ -32,6 +32,7 @@ from mpq import data as data_lib
 from mpq import models, quant
 from mpq.allocate import dbits as dbits_lib
 from mpq.allocate import workflow
+from mpq.errors import UserError
 from mpq.quant import model as quant_model
 from mpq.train import checkpoint as ckpt_lib
 from mpq.train import loop, optim, parallel
@@ -122,7 +123,6 @@ def _float_architecture(config, data):
 def _allocate(config, data, graphdef, state):
   """mixed.method=ilp: bits from the float checkpoint's sensitivities, set in the state."""
   if not config.init_from:
-    from mpq.errors import UserError  # pylint: disable=g-import-not-at-top
     raise UserError("mixed.method=ilp needs a float checkpoint: set --config.init_from=FLOAT_WORKDIR")
   fm = _float_architecture(config, data)
   params, rest = nnx.state(fm, nnx.Param), nnx.state(fm, nnx.Not(nnx.Param))

@@ -32,6 +32,7 @@ class Layer(nnx.Module):
   name: str
   kind: str = "layer"
   activation: str | None = None
+  quantized: bool = False  # True for layers with quantizers (`mpq.quant.layers`)
   recorder = None
 
   def _emit(self, inputs, y, **attrs):

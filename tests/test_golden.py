@@ -65,3 +65,22 @@ def test_golden_ptq_calibration(tmp_path):
   assert sorted(got) == sorted(want)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_resuming_a_v1_checkpoint_is_a_one_line_error_naming_the_version(tmp_path):
+  """Checkpoint layout v1 (before per-estimator optimizers) evaluates (the tests above) but cannot
+  be resumed: the optimizer state differs. The error names the version and what to do."""
+  from configs import tiny
+  from mpq.errors import UserError
+  from mpq.experiment import train_and_evaluate
+  import sys
+  sys.path.insert(0, HERE)
+  from make import RULES
+  c = tiny.get_config()
+  c.quant.enabled, c.quant.rules = True, RULES
+  c.num_train_steps = c.eval_every = c.checkpoint_every = 32
+  workdir = _copy("qat", tmp_path)
+  with pytest.raises(UserError) as e:
+    train_and_evaluate(c, workdir, progress=False)
+  text = str(e.value)
+  assert "\n" not in text and "layout v1" in text and "init_from" in text, text

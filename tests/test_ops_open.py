@@ -55,6 +55,8 @@ class FloatTokenDense(Layer):
 
 
 class QuantTokenDense(FloatTokenDense):
+  quantized = True
+
   def __init__(self, name, cin, cout, bits, *, activation=None, rngs):
     super().__init__(name, cin, cout, activation=activation, rngs=rngs)
     self.wq = Quantizer(name, "weight", "lsq", bits, channels=cout, ndim=2)

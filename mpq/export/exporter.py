@@ -97,7 +97,7 @@ class Lowering:
 
   def quantized_layer(self, node):
     """The node's layer, or an error if it has no quantizers (a float model)."""
-    if getattr(node.layer, "aq", None) is None and getattr(node.layer, "aq_a", None) is None:
+    if not node.layer.quantized:
       self.fail(f"layer {node.name!r} is not quantized; export a quantized (QAT or PTQ) model")
     return node.layer
 

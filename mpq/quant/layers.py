@@ -103,7 +103,7 @@ def _evaluate(aq, wq, w, w_q, xq, b, op):
 
 
 class QuantDense(Layer):
-  kind = "dense"
+  kind, quantized = "dense", True
 
   def __init__(self, name, in_features, out_features, lq: LayerQuant, opts: QuantOptions, *,
                signed_input=True, activation=None, rngs):
@@ -125,7 +125,7 @@ class QuantDense(Layer):
 
 
 class QuantConvBN(Layer):
-  kind = "conv_bn"
+  kind, quantized = "conv_bn", True
 
   def __init__(self, name, in_features, out_features, kernel, stride, groups, lq: LayerQuant,
                opts: QuantOptions, *, signed_input=True, activation=None, rngs):
@@ -199,7 +199,7 @@ class QuantConvBN(Layer):
 
 
 class QuantAdd(Layer):
-  kind = "add"
+  kind, quantized = "add", True
 
   def __init__(self, name, lq: LayerQuant, opts: QuantOptions, activation=None):
     self.name, self.activation = name, check_activation(activation)
