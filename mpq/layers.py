@@ -55,27 +55,63 @@ def check_activation(name: str | None) -> str | None:
   return name
 
 
+def flat(x, flatten: bool):
+  """A dense layer's input: row-major flattened to `[B, features]`, or as it is (`flatten=False`:
+  the layer contracts the last axis, per token / per position)."""
+  return x.reshape(x.shape[0], -1) if flatten else x
+
+
 class Dense(Layer):
+  """`y = x W + b` over the last axis; `flatten` (the default) first flattens `[B, H, W, C]` inputs
+  row-major to `[B, H W C]`, `flatten=False` keeps the leading axes (a per-token projection)."""
   kind = "dense"
 
-  def __init__(self, name: str, in_features: int, out_features: int, *, activation=None,
-               rngs: nnx.Rngs):
-    self.name, self.activation = name, check_activation(activation)
+  def __init__(self, name: str, in_features: int, out_features: int, *, flatten: bool = True,
+               activation=None, rngs: nnx.Rngs):
+    self.name, self.activation, self.flatten = name, check_activation(activation), flatten
     self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
 
   def __call__(self, x, train: bool = False):
-    y = self.linear(x.reshape(x.shape[0], -1))  # [B, H, W, C] inputs are flattened row-major
-    return self._emit([x], y)
+    return self._emit([x], self.linear(flat(x, self.flatten)))
+
+
+PADDINGS = ("SAME", "VALID")
+
+
+def check_padding(name: str, padding: str) -> str:
+  if padding not in PADDINGS:
+    raise ValueError(f"layer {name!r}: padding={padding!r}; use one of {PADDINGS}")
+  return padding
+
+
+class Conv(Layer):
+  """2-D convolution over NHWC with an optional bias (`use_bias`), `padding` 'SAME' or 'VALID';
+  `groups == in_features` makes it depthwise."""
+  kind = "conv"
+
+  def __init__(self, name: str, in_features: int, out_features: int, kernel: int, stride: int = 1,
+               groups: int = 1, *, padding: str = "SAME", use_bias: bool = True, activation=None,
+               rngs: nnx.Rngs):
+    self.name, self.activation = name, check_activation(activation)
+    self.padding = check_padding(name, padding)
+    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
+                         padding=padding, feature_group_count=groups, use_bias=use_bias,
+                         kernel_init=_he, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    return self._emit([x], self.conv(x))
 
 
 class ConvBN(Layer):
-  """Convolution (no bias) followed by BatchNorm; `groups == in_features` makes it depthwise."""
+  """Convolution (no bias) followed by BatchNorm, `padding` 'SAME' or 'VALID'; `groups ==
+  in_features` makes it depthwise."""
   kind = "conv_bn"
 
   def __init__(self, name: str, in_features: int, out_features: int, kernel: int, stride: int = 1,
-               groups: int = 1, *, activation=None, rngs: nnx.Rngs):
+               groups: int = 1, *, padding: str = "SAME", activation=None, rngs: nnx.Rngs):
     self.name, self.activation = name, check_activation(activation)
-    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding="SAME",
+    self.padding = check_padding(name, padding)
+    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding=padding,
                          feature_group_count=groups, use_bias=False, kernel_init=_he, rngs=rngs)
     self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
@@ -95,14 +131,17 @@ class Add(Layer):
 
 
 class GlobalAvgPool(Layer):
-  """Mean over the spatial axes: [B, H, W, C] -> [B, C]."""
+  """Mean over `axes` (default the spatial axes: [B, H, W, C] -> [B, C]; `(1,)` averages the
+  tokens of [B, T, C])."""
   kind = "avg_pool"
 
-  def __init__(self, name: str):
-    self.name = name
+  def __init__(self, name: str, axes=(1, 2)):
+    self.name, self.axes = name, tuple(int(a) for a in axes)
+    if not self.axes or 0 in self.axes or any(a < 0 for a in self.axes):
+      raise ValueError(f"layer {name!r}: axes={axes!r} must be positive (axis 0 is the batch)")
 
   def __call__(self, x, train: bool = False):
-    return self._emit([x], jnp.mean(x, axis=(1, 2)))
+    return self._emit([x], jnp.mean(x, axis=self.axes))
 
 
 class MaxPool(Layer):
@@ -127,21 +166,29 @@ class MaxPool(Layer):
 class FloatLayers:
   """The float factory. A quantized factory has the same methods and returns quantized layers."""
 
-  def dense(self, name, in_features, out_features, *, signed_input=True, activation=None, rngs):
+  def dense(self, name, in_features, out_features, *, signed_input=True, flatten=True,
+            activation=None, rngs):
     del signed_input
-    return Dense(name, in_features, out_features, activation=activation, rngs=rngs)
+    return Dense(name, in_features, out_features, flatten=flatten, activation=activation,
+                 rngs=rngs)
+
+  def conv(self, name, in_features, out_features, kernel, stride=1, groups=1, *, padding="SAME",
+           use_bias=True, signed_input=True, activation=None, rngs):
+    del signed_input
+    return Conv(name, in_features, out_features, kernel, stride, groups, padding=padding,
+                use_bias=use_bias, activation=activation, rngs=rngs)
 
   def conv_bn(self, name, in_features, out_features, kernel, stride=1, groups=1, *,
-              signed_input=True, activation=None, rngs):
+              padding="SAME", signed_input=True, activation=None, rngs):
     del signed_input
-    return ConvBN(name, in_features, out_features, kernel, stride, groups, activation=activation,
-                  rngs=rngs)
+    return ConvBN(name, in_features, out_features, kernel, stride, groups, padding=padding,
+                  activation=activation, rngs=rngs)
 
   def add(self, name, activation=None):
     return Add(name, activation)
 
-  def avg_pool(self, name):
-    return GlobalAvgPool(name)
+  def avg_pool(self, name, axes=(1, 2)):
+    return GlobalAvgPool(name, axes)
 
   def max_pool(self, name, window=2):
     return MaxPool(name, window)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from mpq import export, graph, intexec, models, ops
 from mpq.layers import Layer
-from mpq.ops.linear import Linear, LinearIR, _cost
+from mpq.ops.linear import Linear, LinearIR, linear_cost
 from mpq.quant import calibrate
 from mpq.quant.layers import _evaluate
 from mpq.quant.quantizer import Quantizer
@@ -29,7 +29,7 @@ class TokenDense(Linear):
 
   def cost(self, node):
     k, b = node.layer.linear.kernel.value, node.layer.linear.bias.value
-    return _cost(node, k.shape, k.size + b.size, flatten=False)
+    return linear_cost(node, k.shape, k.size + b.size, flatten=False)
 
 
 class TokenDenseIR(LinearIR):

@@ -21,7 +21,7 @@ from flax import nnx
 from mpq import models
 from mpq.quant import methods
 from mpq.quant.layers import LayerQuant, QuantLayers
-from mpq.quant.rules import QUANTIZABLE
+from mpq.ops.registry import quantizable
 from mpq.train import optim
 from mpq.train.state import split_model
 
@@ -29,7 +29,7 @@ from mpq.train.state import split_model
 def _tiny_quant_model(estimator):
   float_model = models.build("cnn", 10, (28, 28, 1), width=0.25)
   table = {p: LayerQuant(4, 4, estimator) for p, l in models.layer_table(float_model).items()
-           if l.kind in QUANTIZABLE}
+           if l.kind in quantizable()}
   return models.build("cnn", 10, (28, 28, 1), layers=QuantLayers(table), width=0.25)
 
 
@@ -101,7 +101,7 @@ def _resnet_random_bits_config(estimator, seed=0):
   rnd = random.Random(seed)
   c.quant.rules = tuple((re.escape(p), {"w_bits": rnd.randint(2, 8),
                                          "a_bits": rnd.randint(2, 8)})
-                        for p, l in models.layer_table(fm).items() if l.kind in QUANTIZABLE)
+                        for p, l in models.layer_table(fm).items() if l.kind in quantizable())
   return c
 
 

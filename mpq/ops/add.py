@@ -16,7 +16,7 @@ from mpq.ops.registry import IROp, OpKind, register
 
 
 class Add(OpKind):
-  name = "add"
+  name, quantizable = "add", True
 
   def lower(self, lw, node) -> None:
     layer, name = lw.quantized_layer(node), node.name

@@ -1,9 +1,12 @@
-"""Dense and convolution: `conv_bn` and `dense` layers, lowered to the `conv2d` and `dense` IR ops.
+"""Dense and convolution: `dense`, `conv` and `conv_bn` layers, lowered to the `dense` and `conv2d`
+IR ops.
 
 Integer form (what the fake-quant layer evaluates, `mpq.quant.layers.integer_form`): int32
 accumulation of `(q_in - z_in) * w_int` over the kernel's fan-in plus the int32 bias
 `round_half_up(b / (s_in s_w))`; the accumulator's real scale is `s_in s_w,c` per output channel.
-`dense` contracts the last axis of its input (row-major flattened for a 4-D input).
+`dense` flattens its input row-major to `[B, features]` first, unless `flatten=False` (a
+per-token projection over the last axis; the IR op's `flatten` field, default true). Convolutions
+take 'SAME' or 'VALID' padding; `conv` has an optional bias, `conv_bn` folds its BatchNorm.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from mpq.packing import unpack
 _SMALL_CHANNELS, _PADDED_CHANNELS = 16, 17
 
 
-def _cost(node, kernel_shape, params: int, flatten: bool) -> dict:
+def linear_cost(node, kernel_shape, params: int, flatten: bool) -> dict:
+  """`{"params", "weights", "macs", "in", "out"}` of a layer whose every output element sums
+  `prod(kernel_shape[:-1])` products (`in` flattened for a dense layer)."""
   x_shape = node.in_shapes[0][1:]
   macs = int(np.prod(node.out_shape[1:])) * int(np.prod(kernel_shape[:-1]))
   return {"params": int(params), "weights": int(np.prod(kernel_shape)), "macs": macs,
@@ -35,6 +40,7 @@ class Linear(OpKind):
   accumulate products in int32 (see `lower`); `weights(layer)` gives the float (folded) weight and
   bias, `attrs(layer)` the IR op's extra fields."""
   ir: str
+  quantizable = True
 
   def weights(self, layer):
     raise NotImplementedError
@@ -74,10 +80,35 @@ class Dense(Linear):
   def weights(self, layer):
     return layer.linear.kernel.value, layer.linear.bias.value
 
+  def attrs(self, layer):
+    return {} if layer.flatten else {"flatten": False}
+
   def cost(self, node):
     k = node.layer.linear.kernel.value
     b = node.layer.linear.bias.value
-    return _cost(node, k.shape, k.size + b.size, flatten=True)
+    return linear_cost(node, k.shape, k.size + b.size, flatten=node.layer.flatten)
+
+
+def _conv_attrs(layer) -> dict:
+  c = layer.conv
+  strides = (c.strides,) * 2 if isinstance(c.strides, int) else tuple(c.strides)
+  return {"stride": list(strides), "padding": layer.padding, "groups": int(c.feature_group_count)}
+
+
+class Conv(Linear):
+  name, ir = "conv", "conv2d"
+
+  def weights(self, layer):
+    return layer.weights()
+
+  def attrs(self, layer):
+    return _conv_attrs(layer)
+
+  def cost(self, node):
+    c = node.layer.conv
+    return linear_cost(node, c.kernel.value.shape,
+                       c.kernel.value.size + (c.bias.value.size if c.use_bias else 0),
+                       flatten=False)
 
 
 class ConvBN(Linear):
@@ -88,13 +119,11 @@ class ConvBN(Linear):
     return w, b
 
   def attrs(self, layer):
-    c = layer.conv
-    strides = (c.strides,) * 2 if isinstance(c.strides, int) else tuple(c.strides)
-    return {"stride": list(strides), "padding": "SAME", "groups": int(c.feature_group_count)}
+    return _conv_attrs(layer)
 
   def cost(self, node):
     k = node.layer.conv.kernel.value
-    return _cost(node, k.shape, k.size, flatten=False)
+    return linear_cost(node, k.shape, k.size, flatten=False)
 
 
 class LinearIR(IROp):
@@ -123,6 +152,10 @@ class LinearIR(IROp):
     need(op, "input_range", isinstance(rng, list) and len(rng) == 2
          and all(isinstance(v, int) for v in rng) and rng[0] < rng[1]
          and rng[1] - rng[0] < 2 ** op["a_bits"], f"must be [qmin, qmax] of an {op['a_bits']}-bit grid")
+    if self.conv:
+      need(op, "padding", op.get("padding") in ("SAME", "VALID"), "must be 'SAME' or 'VALID'")
+    else:
+      need(op, "flatten", isinstance(op.get("flatten", True), bool), "must be true or false")
     tensors[op["weight"]], tensors[op["bias"]] = w, b
 
   def apply(self, op, a, b):
@@ -139,7 +172,7 @@ class LinearIR(IROp):
     is an integer and the accumulation is int32 either way. Small convolutions get zero output
     channels (see `_SMALL_CHANNELS`)."""
     x, w = env[op["input"]], tensors[op["weight"]]
-    if self.flatten:
+    if self.flatten and op.get("flatten", True):
       x = x.reshape(x.shape[0], -1)
     z = int(op["input_zero_point"])
     qmin, qmax = op.get("input_range", (None, None))
@@ -175,4 +208,4 @@ class Conv2dIR(LinearIR):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.int32)
 
 
-register(Dense(), ConvBN(), DenseIR(), Conv2dIR())
+register(Dense(), Conv(), ConvBN(), DenseIR(), Conv2dIR())

@@ -3,8 +3,9 @@
 Both sit between an accumulator and the next quantizer (`Transform`):
   max_pool  commutes with the monotone requantization, so it runs on the requantized integers (or on
             the accumulator, when a later op needs the accumulator); IR `max_pool`
-  avg_pool  is an integer sum over H, W (IR `sum_pool`, after a rounding right `shift` where the sum
-            of H W accumulators could overflow int32); `1 / (H W)` joins the next multiplier. Every
+  avg_pool  is an integer sum over its axes (default H, W; IR `sum_pool`, after a rounding right
+            `shift` where the sum of n accumulators could overflow int32); `1 / n` joins the next
+            multiplier. Every
             transform before it runs on the accumulator too (ReLU does not commute with a sum).
 """
 
@@ -46,7 +47,8 @@ class AvgPool(Transform):
   requires_accumulator = True
 
   def on_accumulator(self, lw, acc, node):
-    n = int(node.in_shapes[0][1]) * int(node.in_shapes[0][2])
+    axes = node.layer.axes
+    n = math.prod(int(node.in_shapes[0][a]) for a in axes)
     tensor, scale, bound = acc.tensor, acc.scale, acc.bound
     # the sum of n accumulators must fit int32: shift right first where the bound says so
     k = math.ceil(math.log2(bound * n / (2 ** 31 - 1))) if bound * n >= 2 ** 31 else 0
@@ -56,7 +58,10 @@ class AvgPool(Transform):
                "right": k})
       tensor, scale, bound = out, scale * 2 ** k, bound / 2 ** k + 1
     out = lw.new()
-    lw.emit({"op": "sum_pool", "name": f"{acc.name}/sum_pool", "input": tensor, "output": out})
+    op = {"op": "sum_pool", "name": f"{acc.name}/sum_pool", "input": tensor, "output": out}
+    if axes != (1, 2):
+      op["axes"] = list(axes)
+    lw.emit(op)
     return acc._replace(tensor=out, scale=scale / n, bound=bound * n)  # mean = sum / (H W)
 
 
@@ -72,11 +77,17 @@ class MaxPoolIR(IROp):
 
 
 class SumPoolIR(IROp):
-  """Global average pooling's sum over H, W in int32."""
+  """Average pooling's sum in int32 over `axes` (default [1, 2]: H, W)."""
   name = "sum_pool"
 
+  def validate(self, op, raw, tensors, need):
+    axes = op.get("axes", [1, 2])
+    need(op, "axes", isinstance(axes, list) and axes and all(isinstance(a, int) and a >= 1
+                                                             for a in axes),
+         "must be a list of positive axes")
+
   def kernel(self, op, env, tensors):
-    return jnp.sum(env[op["input"]], axis=(1, 2), dtype=jnp.int32)
+    return jnp.sum(env[op["input"]], axis=tuple(op.get("axes", (1, 2))), dtype=jnp.int32)
 
 
 class ShiftIR(IROp):

@@ -27,6 +27,7 @@ class UnknownOpError(ValueError):
 
 class OpKind:
   name: ClassVar[str]
+  quantizable: ClassVar[bool] = False  # layers of this kind get quantizers (`quant.rules`)
 
   def cost(self, node) -> dict | None:
     return None
@@ -100,6 +101,11 @@ def activation(name: str) -> Activation:
     raise UnknownOpError(f"op kind {name!r} is not an activation; activations: "
                          f"{', '.join(sorted(k for k, v in KINDS.items() if isinstance(v, Activation)))}")
   return entry
+
+
+def quantizable() -> tuple[str, ...]:
+  """The op kinds whose layers have quantizers (rules and allocation apply to them)."""
+  return tuple(sorted(k for k, v in KINDS.items() if v.quantizable))
 
 
 def ir_op(name: str) -> IROp:

@@ -31,7 +31,7 @@ from flax import nnx
 
 from mpq import layers as float_layers
 from mpq.errors import UserError
-from mpq.layers import Layer, check_activation
+from mpq.layers import Layer, check_activation, check_padding, flat
 from mpq.quant import core
 from mpq.quant.oscillation import Oscillation
 from mpq.quant.quantizer import Quantizer
@@ -106,15 +106,15 @@ class QuantDense(Layer):
   kind, quantized = "dense", True
 
   def __init__(self, name, in_features, out_features, lq: LayerQuant, opts: QuantOptions, *,
-               signed_input=True, activation=None, rngs):
-    self.name, self.activation = name, check_activation(activation)
+               signed_input=True, flatten=True, activation=None, rngs):
+    self.name, self.activation, self.flatten = name, check_activation(activation), flatten
     self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
     self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=2,
                          kernel_shape=(in_features, out_features))
     self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
 
   def __call__(self, x, train: bool = False):
-    xq = self.aq(x.reshape(x.shape[0], -1), train)
+    xq = self.aq(flat(x, self.flatten), train)
     kernel, bias = self.linear.kernel.value, self.linear.bias.value
     w = self.wq(kernel, train)
     if train:
@@ -124,13 +124,57 @@ class QuantDense(Layer):
     return self._emit([x], y)
 
 
+def _conv(conv: nnx.Conv, padding: str, x, w):
+  """`conv`'s convolution of `x` with the kernel `w` (NHWC, HWIO), no bias."""
+  strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
+  return jax.lax.conv_general_dilated(x, w, strides, padding,
+                                      feature_group_count=conv.feature_group_count,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class QuantConv(Layer):
+  """`y = conv(Q_a(x), Q_w(W)) + b` (the bias optional); evaluation sums on the integer grids."""
+  kind, quantized = "conv", True
+
+  def __init__(self, name, in_features, out_features, kernel, stride, groups, lq: LayerQuant,
+               opts: QuantOptions, *, padding="SAME", use_bias=True, signed_input=True,
+               activation=None, rngs):
+    self.name, self.activation = name, check_activation(activation)
+    self.padding = check_padding(name, padding)
+    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
+                         padding=padding, feature_group_count=groups, use_bias=use_bias,
+                         kernel_init=_he, rngs=rngs)
+    self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=4,
+                         kernel_shape=(kernel, kernel, in_features // groups, out_features))
+    self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
+
+  def weights(self):
+    """(kernel, bias), the bias zeros without `use_bias`."""
+    k = self.conv.kernel.value
+    b = self.conv.bias.value if self.conv.use_bias else jnp.zeros((k.shape[-1],), k.dtype)
+    return k, b
+
+  def _conv(self, x, w):
+    return _conv(self.conv, self.padding, x, w)
+
+  def __call__(self, x, train: bool = False):
+    kernel, bias = self.weights()
+    xq, w = self.aq(x, train), self.wq(kernel, train)
+    if train:
+      y = self._conv(xq, w) + bias
+    else:
+      y = _evaluate(self.aq, self.wq, kernel, w, xq, bias, self._conv)
+    return self._emit([x], y)
+
+
 class QuantConvBN(Layer):
   kind, quantized = "conv_bn", True
 
   def __init__(self, name, in_features, out_features, kernel, stride, groups, lq: LayerQuant,
-               opts: QuantOptions, *, signed_input=True, activation=None, rngs):
+               opts: QuantOptions, *, padding="SAME", signed_input=True, activation=None, rngs):
     self.name, self.activation = name, check_activation(activation)
-    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding="SAME",
+    self.padding = check_padding(name, padding)
+    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding=padding,
                          feature_group_count=groups, use_bias=False, kernel_init=_he, rngs=rngs)
     self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
     self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=4,
@@ -158,11 +202,7 @@ class QuantConvBN(Layer):
     return w, b, sigma
 
   def _conv(self, x, w):
-    c = self.conv
-    strides = (c.strides,) * 2 if isinstance(c.strides, int) else tuple(c.strides)
-    return jax.lax.conv_general_dilated(
-        x, w, strides, "SAME", feature_group_count=c.feature_group_count,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _conv(self.conv, self.padding, x, w)
 
   def __call__(self, x, train: bool = False):
     return self._emit([x], self._forward(x, train))
@@ -222,20 +262,28 @@ class QuantLayers:
       raise KeyError(f"layer {name!r} has no resolved quantization settings")
     return self.table[name]
 
-  def dense(self, name, in_features, out_features, *, signed_input=True, activation=None, rngs):
+  def dense(self, name, in_features, out_features, *, signed_input=True, flatten=True,
+            activation=None, rngs):
     return QuantDense(name, in_features, out_features, self._lq(name), self.opts,
-                      signed_input=signed_input, activation=activation, rngs=rngs)
+                      signed_input=signed_input, flatten=flatten, activation=activation, rngs=rngs)
+
+  def conv(self, name, in_features, out_features, kernel, stride=1, groups=1, *, padding="SAME",
+           use_bias=True, signed_input=True, activation=None, rngs):
+    return QuantConv(name, in_features, out_features, kernel, stride, groups, self._lq(name),
+                     self.opts, padding=padding, use_bias=use_bias, signed_input=signed_input,
+                     activation=activation, rngs=rngs)
 
   def conv_bn(self, name, in_features, out_features, kernel, stride=1, groups=1, *,
-              signed_input=True, activation=None, rngs):
+              padding="SAME", signed_input=True, activation=None, rngs):
     return QuantConvBN(name, in_features, out_features, kernel, stride, groups, self._lq(name),
-                       self.opts, signed_input=signed_input, activation=activation, rngs=rngs)
+                       self.opts, padding=padding, signed_input=signed_input,
+                       activation=activation, rngs=rngs)
 
   def add(self, name, activation=None):
     return QuantAdd(name, self._lq(name), self.opts, activation)
 
-  def avg_pool(self, name):
-    return float_layers.GlobalAvgPool(name)
+  def avg_pool(self, name, axes=(1, 2)):
+    return float_layers.GlobalAvgPool(name, axes)
 
   def max_pool(self, name, window=2):
     return float_layers.MaxPool(name, window)

@@ -4,8 +4,8 @@
 
     [('conv1|head', dict(w_bits=8, a_bits=8)), ('stage1/.*', dict(w_bits=2))]
 
-For each quantizable layer (dense, conv, add) the first rule whose pattern matches the whole path
-(`re.fullmatch`) supplies its overrides; keys it does not set, and layers no rule matches, take the
+For each quantizable layer (an op kind with `quantizable`: dense, conv, conv_bn, add) the first
+rule whose pattern matches the whole path (`re.fullmatch`) supplies its overrides; keys it does not set, and layers no rule matches, take the
 defaults `quant.w_bits`, `quant.a_bits`, `quant.estimator`. Rules are resolved once against the
 model's layer paths; a rule that matches no layer (or only layers that earlier rules already took)
 is an error that lists the paths: it is almost always a typo.
@@ -17,11 +17,11 @@ import re
 from typing import Iterable, Mapping
 
 from mpq.errors import UserError
+from mpq.ops import registry as op_registry
 from mpq.quant.core import MAX_BITS, MIN_BITS
 from mpq.quant.layers import LayerQuant
 from mpq.quant.quantizer import ESTIMATORS
 
-QUANTIZABLE = ("dense", "conv_bn", "add")
 KEYS = ("w_bits", "a_bits", "estimator")
 
 
@@ -40,7 +40,8 @@ def check_values(where: str, values: Mapping) -> None:
 def resolve(layer_kinds: Mapping[str, str], rules: Iterable, defaults: Mapping) -> dict[str, LayerQuant]:
   """`{path: LayerQuant}` for every quantizable layer in `layer_kinds` (`{path: kind}`)."""
   check_values("quant defaults", defaults)
-  paths = [p for p, kind in layer_kinds.items() if kind in QUANTIZABLE]
+  kinds = op_registry.quantizable()
+  paths = [p for p, kind in layer_kinds.items() if kind in kinds]
   compiled = []
   for i, rule in enumerate(rules or ()):
     where = f"quant.rules[{i}]"
