@@ -364,6 +364,9 @@ FIELDS: tuple[Field, ...] = (
     Field("quant.a_bits", 8, "default bitwidth of every layer input", bits()),
     Field("quant.estimator", "lsq", "default gradient estimator: none, ste, lsq, lsq+, tqt, noise "
           "or dbits", RuleValue("estimator")),
+    Field("quant.a_per_channel", False, "default activation granularity: per tensor (False) or one "
+          "scale per input channel, the last axis (True: fake-quant only; integer export needs per-"
+          "tensor inputs)", Boolean()),
     Field("quant.param_lr", 0.0, "learning rate of the quantizer parameters' own optimizer (each "
           "estimator declares its optimizer and a scale); 0: the model's learning_rate with "
           "adam/adamw, 1e-3 with sgd", at_least(0)),

@@ -37,6 +37,9 @@ def grid(q, tensor=None) -> dict:
     raise ExportError(f"{q.name}/{q.role} does not evaluate on an integer grid (estimator "
                       f"{q.method.name!r}{', bypassed' if q.bypass else ''}); integer export needs "
                       "every dense/conv layer quantized with ste, lsq, noise, tqt or dbits")
+  if q.role == "act" and np.size(g["scale"]) > 1:
+    raise ExportError(f"{q.name}/{q.role} quantizes per channel; integer kernels (mpq, TFLite, ONNX "
+                      "Runtime) take one input scale per tensor: export needs a_per_channel=False")
   bits = int(g["bits"])
   qmin, qmax = (int(v) for v in core.qrange(bits, g["signed"], g["narrow"]))
   return {"scale": np.asarray(g["scale"], np.float64).reshape(-1),

@@ -14,6 +14,9 @@ Following Wu et al. 2020 (arXiv 2004.09602, NVIDIA's toolkit):
       max         amax = max |w| per channel
       mse         amax = r * max |w|, r in [0.2, 1] (81 steps), minimising the per-channel squared error
 
+  per-channel activations (`a_per_channel`): `max` or `percentile` of |x| per channel (the last
+      axis), from the observed values themselves (the other methods are per-tensor histograms)
+
 `calibrate(model, batches, ...)` runs the model eagerly in float (every quantizer observes its input
 and passes it through unchanged), then sets every quantizer's range with `Quantizer.set_range`.
 """
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mpq.errors import UserError
 from mpq.quant import core
 from mpq.quant import quantizer as qz
 
@@ -154,6 +158,17 @@ def weight_amax(w, method: str, bits) -> jnp.ndarray:
   return ratios[jnp.argmin(errs, axis=0)] * amax
 
 
+def channel_amax(x: np.ndarray, method: str, percentile: float, where: str) -> np.ndarray:
+  """Per-channel amax of `x` shaped [values, channels]: max or percentile of |x| per channel."""
+  a = np.abs(x)
+  if method == "max":
+    return a.max(axis=0)
+  if method == "percentile":
+    return np.percentile(a, percentile, axis=0)
+  raise UserError(f"{where}: per-channel activation calibration supports max and percentile, not "
+                  f"{method!r}; set --config.quant.calib_act=max or percentile")
+
+
 def calibrate(model: nnx.Module, batches, act_method: str = "max", weight_method: str = "max",
               percentile: float = 99.99) -> dict[str, float]:
   """Sets every quantizer's range from `batches` (iterable of image arrays); returns the
@@ -161,6 +176,7 @@ def calibrate(model: nnx.Module, batches, act_method: str = "max", weight_method
   if act_method not in ACT_METHODS:
     raise ValueError(f"unknown activation calibration {act_method!r}; use one of {ACT_METHODS}")
   hists: dict[int, Histogram] = {}
+  channels: dict[int, list] = {}  # per-channel activation quantizers: their observed inputs
   weights: dict[int, object] = {}
   quantizers: dict[int, qz.Quantizer] = {}
 
@@ -168,6 +184,8 @@ def calibrate(model: nnx.Module, batches, act_method: str = "max", weight_method
     quantizers[id(q)] = q
     if q.role == "weight":
       weights[id(q)] = x
+    elif q.shape:
+      channels.setdefault(id(q), []).append(np.asarray(x, np.float32).reshape(-1, q.shape[-1]))
     else:
       hists.setdefault(id(q), Histogram()).update(x)
 
@@ -179,6 +197,11 @@ def calibrate(model: nnx.Module, batches, act_method: str = "max", weight_method
     bits = int(q.int_bits())
     if q.role == "weight":
       q.set_range(weight_amax(weights[key], weight_method, bits))
+    elif key in channels:
+      x = np.concatenate(channels[key])
+      amax = channel_amax(x, act_method, percentile, f"{q.name}:{q.role}")
+      q.set_range(amax, lo=np.maximum(x.min(axis=0), -amax))
+      report[f"{q.name}:{q.role}"] = float(amax.max())
     else:
       h = hists[key]
       amax = act_amax(h, act_method, bits, q.signed, percentile)

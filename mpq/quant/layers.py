@@ -45,6 +45,7 @@ class LayerQuant:
   w_bits: float = 8
   a_bits: float = 8
   estimator: str = "lsq"
+  a_per_channel: bool = False  # one activation scale per input channel (the last axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,12 @@ class QuantOptions:
 
 def _quantizer(name, role, lq: LayerQuant, opts: QuantOptions, **kw):
   bits = lq.w_bits if role == "weight" else lq.a_bits
+  in_channels = kw.pop("in_channels", None)
+  if role == "act" and lq.a_per_channel:
+    if in_channels is None:
+      raise UserError(f"layer {name!r}: a_per_channel needs a layer with a known input channel "
+                      "count (dense or conv); set a_per_channel=False for it in quant.rules")
+    kw["act_channels"] = in_channels
   osc = Oscillation(track=opts.osc_track, freeze=opts.osc_freeze, momentum=opts.osc_momentum,
                     dampen=opts.osc_dampen)
   return Quantizer(name, role, lq.estimator, bits, ema_decay=opts.ema_decay,
@@ -77,7 +84,7 @@ def integer_form(aq, wq, w, w_q, b):
   `w_q = wq(w)` its fake-quantized value; the bias is rounded to the int32 grid `s_in * s_w`.
   Evaluation (`_evaluate`) and the exporter both use this, so they hold the same integers."""
   gi, gw = aq.integer_grid(), wq.integer_grid(w)
-  if gi is None or gw is None:
+  if gi is None or gw is None or jnp.size(gi["scale"]) > 1:  # per-channel inputs: no integer form
     return None
   w_int = core.round_half_up(w_q / gw["scale"])
   bias = core.round_half_up(b / (gi["scale"] * gw["scale"].reshape(-1)))
@@ -111,7 +118,7 @@ class QuantDense(Layer):
     self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
     self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=2,
                          kernel_shape=(in_features, out_features))
-    self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
+    self.aq = _quantizer(name, "act", lq, opts, signed=signed_input, in_channels=in_features)
 
   def __call__(self, x, train: bool = False):
     xq = self.aq(flat(x, self.flatten), train)
@@ -146,7 +153,7 @@ class QuantConv(Layer):
                          kernel_init=_he, rngs=rngs)
     self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=4,
                          kernel_shape=(kernel, kernel, in_features // groups, out_features))
-    self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
+    self.aq = _quantizer(name, "act", lq, opts, signed=signed_input, in_channels=in_features)
 
   def weights(self):
     """(kernel, bias), the bias zeros without `use_bias`."""
@@ -179,7 +186,7 @@ class QuantConvBN(Layer):
     self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
     self.wq = _quantizer(name, "weight", lq, opts, channels=out_features, ndim=4,
                          kernel_shape=(kernel, kernel, in_features // groups, out_features))
-    self.aq = _quantizer(name, "act", lq, opts, signed=signed_input)
+    self.aq = _quantizer(name, "act", lq, opts, signed=signed_input, in_channels=in_features)
     if opts.osc_freeze > 0 and opts.bn_freeze_step < 0:
       # A frozen weight is an integer times the step size of the *folded* kernel, so it does not
       # scale with gamma / sigma; the batch statistics of the unfolded output `y sigma / gamma`

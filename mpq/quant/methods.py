@@ -74,10 +74,20 @@ def positive(v):
 
 
 def per_scale(spec: Spec, x) -> float:
-  """Elements sharing one scale: per channel for weights, per example for activations."""
+  """Elements sharing one scale: per channel for weights; per example (and per channel, for
+  per-channel activations) for activations."""
   if spec.is_weight:
     return x.size / max(math.prod(spec.shape), 1)
-  return x.size / x.shape[0]
+  return x.size / x.shape[0] / max(math.prod(spec.shape), 1)
+
+
+def _act_range(xs, spec: Spec):
+  """(min, max) of an activation over the axes its quantizer shares a scale across: everything
+  (per tensor), or all but the last axis (per channel)."""
+  if not spec.shape:
+    return jnp.min(xs), jnp.max(xs)
+  axes = tuple(range(xs.ndim - 1))
+  return jnp.min(xs, axis=axes), jnp.max(xs, axis=axes)
 
 
 def _grid(scale, bits, signed, narrow, zero_point=None) -> dict:
@@ -138,8 +148,8 @@ class STE(Estimator):
   def variables(self, spec, bits):
     v = super().variables(spec, bits)
     if not spec.is_weight:
-      v["lo"] = QState(jnp.asarray(-1.0 if spec.signed else 0.0))
-      v["hi"] = QState(jnp.asarray(1.0))
+      v["lo"] = QState(jnp.full(spec.shape, -1.0 if spec.signed else 0.0, jnp.float32))
+      v["hi"] = QState(jnp.full(spec.shape, 1.0, jnp.float32))
     return v
 
   def _weight_scale(self, q, w, bits):
@@ -152,10 +162,10 @@ class STE(Estimator):
     if q.spec.is_weight:
       return core.fake_quant(x, self._weight_scale(q, x, bits), 0.0, bits, True, narrow=True)
     if train:
-      xs = jax.lax.stop_gradient(x)
+      lo, hi = _act_range(jax.lax.stop_gradient(x), q.spec)
       d = q.spec.ema_decay
-      q.lo.value = d * q.lo.value + (1 - d) * jnp.min(xs)
-      q.hi.value = d * q.hi.value + (1 - d) * jnp.max(xs)
+      q.lo.value = d * q.lo.value + (1 - d) * lo
+      q.hi.value = d * q.hi.value + (1 - d) * hi
     scale, zp = core.affine_params(q.lo.value, q.hi.value, bits)
     return core.fake_quant(x, scale, zp, bits, signed=False)
 
@@ -173,8 +183,8 @@ class STE(Estimator):
 
   def set_range(self, q, amax, lo=None):
     if not q.spec.is_weight:
-      q.lo.value = jnp.asarray(lo if lo is not None else (-amax if q.spec.signed else 0.0),
-                               jnp.float32)
+      lo = lo if lo is not None else (-amax if q.spec.signed else 0.0)
+      q.lo.value = jnp.broadcast_to(jnp.asarray(lo, jnp.float32), q.spec.shape)
       q.hi.value = amax
 
 

@@ -26,7 +26,8 @@ def resolve_table(config, num_classes: int, image_shape) -> dict[str, LayerQuant
   kinds = {p: layer.kind for p, layer in models.layer_table(float_model).items()}
   qc = config.quant
   return resolve(kinds, list(qc.rules), {"w_bits": qc.w_bits, "a_bits": qc.a_bits,
-                                         "estimator": qc.estimator})
+                                         "estimator": qc.estimator,
+                                         "a_per_channel": bool(qc.get("a_per_channel", False))})
 
 
 def build(config, num_classes: int, image_shape, bypass: bool = False):

@@ -47,19 +47,24 @@ class Hooks:
 class Quantizer(nnx.Module):
   """Fake-quantizes one tensor with the registered estimator `estimator` (see the module
   docstring). `kernel_shape` (weights) with an `oscillation` that tracks or freezes turns on the
-  oscillation component's per-weight state."""
+  oscillation component's per-weight state. `act_channels` makes an activation quantizer per
+  channel (one scale per index of the last axis) instead of per tensor."""
 
   def __init__(self, name: str, role: str, estimator: str, bits: float, *, signed: bool = True,
                channels: int = 1, ndim: int = 4, ema_decay: float = 0.99, noise_lambda0: float = 0.0,
                noise_tau: float = 1000.0, noise_rng: str = "hash", bypass: bool = False,
-               kernel_shape=None, oscillation: Oscillation = Oscillation()):
+               kernel_shape=None, oscillation: Oscillation = Oscillation(),
+               act_channels: int | None = None):
     method = methods.get(estimator)
     if noise_rng not in est.NOISE_RNGS:
       raise ValueError(f"unknown noise_rng {noise_rng!r}; use one of {est.NOISE_RNGS}")
     self.name, self.role, self.estimator = name, role, estimator
     self.bypass = bypass  # identity forward, same variables (evaluate a QAT checkpoint in float)
     self.signed = bool(signed) or role == "weight"
-    shape = core.channel_shape(ndim, -1, channels) if role == "weight" else ()
+    if role == "weight":
+      shape = core.channel_shape(ndim, -1, channels)
+    else:  # per tensor, or one scale per input channel (the last axis)
+      shape = () if act_channels is None else (int(act_channels),)
     self.shape = shape
     self.spec = methods.Spec(name, role, self.signed, shape, ema_decay=ema_decay,
                              noise_lambda0=noise_lambda0, noise_tau=noise_tau, noise_rng=noise_rng,

@@ -22,7 +22,7 @@ from mpq.quant.core import MAX_BITS, MIN_BITS
 from mpq.quant.layers import LayerQuant
 from mpq.quant.quantizer import ESTIMATORS
 
-KEYS = ("w_bits", "a_bits", "estimator")
+KEYS = ("w_bits", "a_bits", "estimator", "a_per_channel")
 
 
 def check_values(where: str, values: Mapping) -> None:
@@ -33,6 +33,8 @@ def check_values(where: str, values: Mapping) -> None:
     if k.endswith("_bits") and not (isinstance(v, (int, float)) and MIN_BITS <= v <= MAX_BITS
                                     and float(v).is_integer()):
       raise UserError(f"{where}: {k}={v!r} must be an integer from {MIN_BITS} to {MAX_BITS}")
+    if k == "a_per_channel" and not isinstance(v, bool):
+      raise UserError(f"{where}: a_per_channel={v!r} must be True or False")
     if k == "estimator" and v not in ESTIMATORS:
       raise UserError(f"{where}: estimator={v!r} is unknown; use one of {ESTIMATORS}")
 
@@ -63,7 +65,8 @@ def resolve(layer_kinds: Mapping[str, str], rules: Iterable, defaults: Mapping) 
         values.update(overrides)
         used[i] = True
         break
-    table[path] = LayerQuant(float(values["w_bits"]), float(values["a_bits"]), values["estimator"])
+    table[path] = LayerQuant(float(values["w_bits"]), float(values["a_bits"]), values["estimator"],
+                             bool(values.get("a_per_channel", False)))
   for i, u in enumerate(used):
     if u:
       continue
