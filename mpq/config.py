@@ -364,9 +364,10 @@ FIELDS: tuple[Field, ...] = (
     Field("quant.a_bits", 8, "default bitwidth of every layer input", bits()),
     Field("quant.estimator", "lsq", "default gradient estimator: none, ste, lsq, lsq+, tqt, noise "
           "or dbits", RuleValue("estimator")),
-    Field("quant.a_per_channel", False, "default activation granularity: per tensor (False) or one "
-          "scale per input channel, the last axis (True: fake-quant only; integer export needs per-"
-          "tensor inputs)", Boolean()),
+    Field("quant.a_per_channel", False, "default granularity of dense/conv inputs: per tensor "
+          "(False) or one scale per input channel, the last axis (True: fake quant only, calibrated "
+          "by calib_act max or percentile; integer export needs per-tensor inputs; additions stay "
+          "per tensor)", Boolean()),
     Field("quant.param_lr", 0.0, "learning rate of the quantizer parameters' own optimizer (each "
           "estimator declares its optimizer and a scale); 0: the model's learning_rate with "
           "adam/adamw, 1e-3 with sgd", at_least(0)),
@@ -509,6 +510,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from mpq.quant import rules  # pylint: disable=g-import-not-at-top
   rules.check_values("config.quant", {"w_bits": qc.w_bits, "a_bits": qc.a_bits,
                                       "estimator": qc.estimator})
+  per_channel = qc.a_per_channel or any(
+      isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[1], dict)
+      and r[1].get("a_per_channel") for r in qc.rules)
+  check(not (qc.enabled and per_channel) or qc.calib_act in ("max", "percentile"),
+        f"config.quant.calib_act={qc.calib_act!r} cannot calibrate per-channel activations "
+        "(a_per_channel); use max or percentile")
   if mc.enabled:
     check(qc.enabled, "config.mixed.enabled=True needs config.quant.enabled=True")
     if mc.method == "dbits":

@@ -109,3 +109,36 @@ def test_per_channel_rule_trains_evaluates_and_export_refuses_it(tmp_path):
                 "--config.quant.enabled=True",
                 "--config.quant.rules=(('fc1', {'a_per_channel': 1}),)")
   assert bad.returncode == 2 and "a_per_channel=1 must be True or False" in bad.stderr
+
+
+def test_per_channel_default_leaves_additions_per_tensor_and_needs_max_or_percentile():
+  from configs import tiny
+  from mpq.config import validate
+  from mpq.errors import UserError
+  from mpq.quant import model as quant_model
+  c = tiny.get_config()
+  import ml_collections
+  c.model, c.quant.enabled, c.quant.a_per_channel = "resnet20", True, True
+  c.model_kwargs = ml_collections.ConfigDict({"width": 8})
+  c.quant.calib_act = "mse"
+  with pytest.raises(UserError, match="calib_act='mse' cannot calibrate per-channel"):
+    validate(c)
+  c.quant.calib_act = "max"
+  validate(c)
+  model, _ = quant_model.build(c, 10, (28, 28, 1))
+  assert model.stage1.block0.conv1.aq.shape == (8,)  # conv inputs per channel
+  assert model.stage1.block0.add.aq_a.shape == ()  # additions per tensor
+
+
+def test_hooks_nest_and_restore_the_outer_hook():
+  from flax import nnx
+  from mpq.quant.layers import LayerQuant, QuantLayers
+  from mpq.quant.quantizer import hooks
+  m = QuantLayers({"d": LayerQuant(8, 8, "lsq")}).dense("d", 3, 2, rngs=nnx.Rngs(0))
+  seen, tapped = [], []
+  with hooks(m, observe=lambda q, x: seen.append(q.role)):
+    with hooks(m, tap=lambda q, x, y: tapped.append(q.role)):
+      m(jnp.ones((1, 3)))
+    m(jnp.ones((1, 3)))
+  assert seen == ["act", "weight", "act", "weight"] and tapped == ["act", "weight"]
+  assert m.aq.hooks.observe is None and m.aq.hooks.tap is None

@@ -85,3 +85,20 @@ def test_contract_layers_export_and_run_bit_for_bit(pool_axes, bits, estimator, 
   lsb = np.asarray(model(jnp.asarray(x), train=False), np.float64) / np.asarray(
       manifest["ops"][-1]["scale"])
   np.testing.assert_array_equal(np.round(lsb).astype(np.int64), acc)
+
+
+def test_average_pooling_over_the_channel_axis_is_refused_at_export(tmp_path):
+  class ChannelPool(nnx.Module):
+    def __init__(self, layers, rngs):
+      self.conv = layers.conv("conv", 1, 8, 3, 1, signed_input=True, rngs=rngs)
+      self.pool = layers.avg_pool("pool", (3,))
+      self.head = layers.dense("head", 28 * 28, 10, signed_input=True, rngs=rngs)
+
+    def __call__(self, x, train=False):
+      return self.head(self.pool(self.conv(x, train), train), train)
+
+  table = {p: LayerQuant(8, 8, "lsq") for p in ("conv", "head")}
+  model = ChannelPool(QuantLayers(table), nnx.Rngs(0))
+  calibrate(model, [_images(8)])
+  with pytest.raises(export.ExportError, match="'pool': average pooling over the channel axis"):
+    export.export(model, (28, 28, 1), str(tmp_path))

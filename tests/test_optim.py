@@ -113,3 +113,35 @@ def test_resnet20_sgd_random_bits_trains_60_steps_with_finite_gradients(estimato
   rows = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
   norms = [r["grad_norm"] for r in rows if r["split"] == "train"]
   assert len(norms) == 6 and all(np.isfinite(norms)), norms
+
+
+def test_dbits_bits_take_their_own_adam_only_under_mixed_dbits_and_skip_clipping(tiny_config):
+  c = tiny_config
+  c.optimizer, c.learning_rate, c.momentum, c.weight_decay = "sgd", 1.0, 0.0, 0.0
+  c.schedule, c.warmup_steps, c.grad_clip_norm = "constant", 0, 1e-3
+  _, params, _ = split_model(_tiny_quant_model("dbits"))
+  flat = lambda t: {jax.tree_util.keystr(p).removesuffix(".value"): l for p, l in  # noqa: E731
+                    jax.tree_util.tree_flatten_with_path(t)[0]}
+  bits_key = next(k for k in flat(optim.labels(params)) if "wq" in k and "bits" in k)
+  assert flat(optim.labels(params, c))[bits_key] == "main"  # dbits by estimator alone
+  c.quant.enabled, c.quant.estimator = True, "dbits"
+  c.mixed.enabled, c.mixed.method, c.mixed.weight_bits_avg, c.mixed.dbits_lr = True, "dbits", 4, 0.01
+  assert flat(optim.labels(params, c))[bits_key] == "dbits/bits"
+  rng = np.random.RandomState(0)
+  grads = jax.tree.map(lambda v: jnp.asarray(rng.randn(*v.shape), jnp.float32), params)
+  tx = optim.build(c, 10)
+  state = tx.init(params)
+  groups = set(state[1].inner_states) if isinstance(state, tuple) else set(state.inner_states)
+  assert groups == {"main", "dbits/amax", "dbits/bits"}  # only the groups the model uses
+  u, _ = tx.update(grads, state, params)
+  labels = flat(optim.labels(params, c))
+  g = flat(grads)
+  norm = np.sqrt(sum(float(np.sum(np.square(np.asarray(g[k])))) for k, l in labels.items()
+                     if l != "dbits/bits"))
+  kernel = next(k for k in labels if "conv2" in k and "kernel" in k)
+  # plain SGD (momentum 0) on the clipped gradient: -lr * g * clip / norm(all but the bits)
+  np.testing.assert_allclose(np.asarray(flat(u)[kernel]), -np.asarray(g[kernel]) * 1e-3 / norm,
+                             rtol=1e-4)
+  # the bits: Adam's first step, lr * sign(g), unclipped
+  np.testing.assert_allclose(np.asarray(flat(u)[bits_key]), -0.01 * np.sign(np.asarray(g[bits_key])),
+                             rtol=1e-4)

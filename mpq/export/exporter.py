@@ -16,6 +16,7 @@ import numpy as np
 
 from mpq import graph as graph_lib
 from mpq import ops
+from mpq import rounding
 from mpq.errors import UserError
 from mpq.export import targets as targets_lib
 from mpq.packing import pack, unpack  # noqa: F401  (re-exported by mpq.export)
@@ -95,8 +96,9 @@ class Lowering:
   def multiplier(self, m: float, out_max: float) -> tuple[int, int]:
     return self.target.multiplier(m, out_max)
 
-  def grid(self, q, tensor=None) -> dict:
-    return grid(q, tensor)
+  def round(self, op: str, values):
+    """`values` rounded by the target's rule for IR op `op` (`mpq.rounding.RULES`)."""
+    return rounding.RULES[self.target.rounding_of(op)](values)
 
   def quantized_layer(self, node):
     """The node's layer, or an error if it has no quantizers (a float model)."""

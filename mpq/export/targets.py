@@ -4,11 +4,13 @@ A target (`Target`, registered in `TARGETS` by name) owns
   write(out_dir, manifest, tensors)   its file writer
   multiplier(m, out_max)              how a real multiplier becomes (M0, shift) for its kernels
   rounding                            the rounding rule of each IR op (`mpq.rounding.RULES` names;
-                                      `"*"` is the default)
-The executor emulates a target by its entry, so "bit-exact with runtime X" is a property of one
-entry and its tests against X. Today's entry is mpq's own format, `mpq` (`mpq-int` manifest +
-weights.npz, half up everywhere, `requant_multiplier`: the more faithful of TFLite's normalised
-double-rounding form and a single-rounding form).
+                                      `"*"` is the default), used where the lowering rounds
+                                      (`Lowering.round`, e.g. a ReLU6 clamp bound)
+Today's only entry is mpq's own format, `mpq` (`mpq-int` manifest + weights.npz, half up
+everywhere, `requant_multiplier`: the more faithful of TFLite's normalised double-rounding form and
+a single-rounding form); the executor's kernels implement its rules. A target whose kernels round
+differently (issue 8: TFLite's families, ONNX Runtime) adds its entry here and the kernels that
+emulate it, so that "bit-exact with runtime X" is a property of one entry and its tests against X.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Op kinds and integer IR ops, registered once each (see `mpq.ops.registry`).
 
-Built in: `dense`, `conv_bn` (linear.py), `add` (add.py), `max_pool`, `avg_pool` (pool.py),
+Built in: `dense`, `conv`, `conv_bn` (linear.py), `add` (add.py), `max_pool`, `avg_pool` (pool.py),
 `relu`, `relu6` (activation.py) and the boundary IR ops `quantize`, `requantize`, `dequantize`
 (io.py). Importing this package registers them.
 """

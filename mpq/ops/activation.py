@@ -46,13 +46,15 @@ class ReLU6(ReLU):
 
   def _hi(self, lw, acc):
     scale = np.asarray(acc.scale, np.float64)
-    hi = np.minimum(half_up(np.asarray(6.0 / scale, np.float32)), INT32_MAX).astype(np.int32)
+    hi = np.minimum(lw.round("clamp", np.asarray(6.0 / scale, np.float32)), INT32_MAX)
+    hi = hi.astype(np.int32)
     name = f"{acc.name}/relu6_hi"
     lw.tensors[name] = np.broadcast_to(hi, scale.shape).copy()
     return name
 
   def clamp(self, lo, hi, zero_point, scale):
     lo, hi = super().clamp(lo, hi, zero_point, scale)
+    # round(6 / s_out) as the quantizer that follows rounds (half up: mpq's fake quant)
     return lo, min(hi, int(half_up(np.float32(6.0 / scale))) + zero_point)
 
 

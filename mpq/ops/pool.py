@@ -1,4 +1,5 @@
-"""Pooling: `max_pool` (non-overlapping windows) and `avg_pool` (global average over H, W).
+"""Pooling: `max_pool` (non-overlapping windows) and `avg_pool` (average over chosen axes, by
+default the global average over H, W).
 
 Both sit between an accumulator and the next quantizer (`Transform`):
   max_pool  commutes with the monotone requantization, so it runs on the requantized integers (or on
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 from mpq.fixedpoint import rounding_divide_by_pot
 from mpq.ops.registry import IROp, Transform, register
@@ -48,6 +50,10 @@ class AvgPool(Transform):
 
   def on_accumulator(self, lw, acc, node):
     axes = node.layer.axes
+    channel_axis = len(node.in_shapes[0]) - 1
+    if channel_axis in axes and np.size(acc.scale) > 1:
+      lw.fail(f"layer {node.name!r}: average pooling over the channel axis sums accumulators of "
+              "different per-channel scales; pool over other axes, or export per-tensor weights")
     n = math.prod(int(node.in_shapes[0][a]) for a in axes)
     tensor, scale, bound = acc.tensor, acc.scale, acc.bound
     # the sum of n accumulators must fit int32: shift right first where the bound says so

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from mpq.errors import UserError
+
 KINDS: dict[str, "OpKind"] = {}
 IR_OPS: dict[str, "IROp"] = {}
 
 
-class UnknownOpError(ValueError):
+class UnknownOpError(UserError):
   """An op kind or IR op that no registry entry defines; the message names it."""
 
 

@@ -12,8 +12,11 @@ Quantized forms (what the integer exporter reproduces):
                   training before `bn_freeze_step`:  y_raw = y_q * sigma / gamma (the unfolded conv
                   output), then BatchNorm with batch statistics of y_raw, updating the EMA; this is
                   Jacob et al.'s correction `sigma_ema / sigma_batch` applied with one convolution.
-  Evaluation (both layers) sums the products on the integer grids and rounds the bias to the int32
-  grid `s_in * s_w` (`_evaluate`, `integer_form`): it computes what the exported model computes.
+  QuantConv     `y = conv(Q_a(x), Q_w(W)) + b`, the bias optional, 'SAME' or 'VALID' padding.
+  Evaluation (dense and conv layers) sums the products on the integer grids and rounds the bias to
+  the int32 grid `s_in * s_w` (`_evaluate`, `integer_form`): it computes what the exported model
+  computes. A per-channel input quantizer (`a_per_channel`) has no single `s_in`: such a layer
+  evaluates in the float form `Q_a(x) Q_w(W) + b` and is not exportable.
   QuantAdd      `y = Q_a(a) + Q_b(b)`: both inputs on their own signed grids, summed; in integer
                 form both inputs are rescaled to a common fine grid and added (TFLite's ADD).
   pooling       float layers: max pooling commutes with the monotone quantizer that follows it
@@ -66,11 +69,8 @@ class QuantOptions:
 def _quantizer(name, role, lq: LayerQuant, opts: QuantOptions, **kw):
   bits = lq.w_bits if role == "weight" else lq.a_bits
   in_channels = kw.pop("in_channels", None)
-  if role == "act" and lq.a_per_channel:
-    if in_channels is None:
-      raise UserError(f"layer {name!r}: a_per_channel needs a layer with a known input channel "
-                      "count (dense or conv); set a_per_channel=False for it in quant.rules")
-    kw["act_channels"] = in_channels
+  if role == "act" and lq.a_per_channel and in_channels is not None:
+    kw["act_channels"] = in_channels  # dense/conv inputs; additions stay per tensor
   osc = Oscillation(track=opts.osc_track, freeze=opts.osc_freeze, momentum=opts.osc_momentum,
                     dampen=opts.osc_dampen)
   return Quantizer(name, role, lq.estimator, bits, ema_decay=opts.ema_decay,

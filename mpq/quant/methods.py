@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +40,18 @@ class ParamGroup:
               trains thresholds with an adaptive optimizer for this reason) or 'sgd'
   lr_scale    multiplies the quantizer learning rate (`config.quant.param_lr`; 0 means the model's
               learning rate with adam/adamw, 1e-3 with sgd), on the model's schedule
-  lr_field    instead: a constant learning rate read from this config path (e.g. 'mixed.dbits_lr')
+  lr_field    a config path (e.g. 'mixed.dbits_lr') whose value, times `lr_scale`, is a constant
+              learning rate used instead; such a group is left out of gradient clipping
+  when        a predicate of the config: where it is false the parameters train with the model's
+              optimizer, like model parameters without weight decay (None: always applies)
   """
   optimizer: str = "adam"
   lr_scale: float = 1.0
   lr_field: str | None = None
+  when: Callable | None = None
+
+  def applies(self, config) -> bool:
+    return self.when is None or bool(self.when(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,8 +314,13 @@ class DBits(Estimator):
   name = "dbits"
   learns_bits = True
   tracks_oscillations = False
+  # The bits have their own Adam at `mixed.dbits_lr` under `mixed.method=dbits` (its budget sets
+  # their pace); a dbits quantizer chosen by `quant.estimator` or a rule alone trains its bits
+  # with the model's optimizer.
   param_groups = {"amax": ParamGroup(),
-                  "bits": ParamGroup(lr_field="mixed.dbits_lr", lr_scale=1.0)}
+                  "bits": ParamGroup(lr_field="mixed.dbits_lr",
+                                     when=lambda c: bool(c.mixed.enabled)
+                                     and c.mixed.method == "dbits")}
 
   def variables(self, spec, bits):
     return {"bits": self._param(jnp.asarray(bits, jnp.float32), "bits"),

@@ -148,13 +148,15 @@ def hooks(model: nnx.Module, *, observe: Callable | None = None, tap: Callable |
   """Within the block, `model`'s quantizers call `observe(q, x)` and pass `x` through unchanged
   (calibration), and/or call `tap(q, x, y)` after quantizing (comparison)."""
   qs = [q for _, q in quantizers(model)]
-  for q in qs:
-    q.hooks = Hooks(observe, tap)
+  previous = [q.hooks for q in qs]
+  for q, old in zip(qs, previous):
+    q.hooks = Hooks(observe if observe is not None else old.observe,
+                    tap if tap is not None else old.tap)
   try:
     yield
   finally:
-    for q in qs:
-      q.hooks = Hooks()
+    for q, old in zip(qs, previous):
+      q.hooks = old
 
 
 def set_bits(model: nnx.Module, bits: dict[str, dict[str, float]]) -> None:

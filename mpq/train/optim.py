@@ -39,11 +39,18 @@ def _decay_mask(params):
   return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def labels(params):
+def labels(params, config=None):
   """The optimizer label of every parameter: `main` for model parameters, the estimator's group
-  (`QParam` metadata `opt_group`, e.g. `lsq/step_size`) for quantizer parameters."""
+  (`QParam` metadata `opt_group`, e.g. `lsq/step_size`) for quantizer parameters, or `main` where
+  that group does not apply to `config` (`ParamGroup.when`)."""
+  groups = methods.param_groups()
+
   def label(v):
-    return v.opt_group if isinstance(v, QParam) else "main"
+    if not isinstance(v, QParam):
+      return "main"
+    group = groups[v.opt_group]
+    return v.opt_group if config is None or group.applies(config) else "main"
+
   return jax.tree.map(label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -72,14 +79,27 @@ def _group_tx(config, num_steps: int, group: ParamGroup) -> optax.GradientTransf
 def build(config, num_steps: int) -> optax.GradientTransformation:
   """The optimizer: the model's parameters by `config.optimizer`, each group of quantizer
   parameters by the optimizer its estimator declares (`mpq.quant.methods.ParamGroup`), applied by
-  label through `optax.multi_transform`. Gradient clipping (`grad_clip_norm`) sees all of them."""
-  groups = {"main": _build_main(config, num_steps)}
-  for name, group in methods.param_groups().items():
-    groups[name] = _group_tx(config, num_steps, group)
-  tx = optax.multi_transform(groups, labels)
-  if config.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  return tx
+  label through `optax.multi_transform`. Only the groups the parameters use get a transform (and
+  optimizer state), so adding an estimator does not change existing checkpoints' layout.
+  Gradient clipping (`grad_clip_norm`) sees every parameter except groups with their own constant
+  rate (`lr_field`: dbits' bits under `mixed.method=dbits`)."""
+  main = _build_main(config, num_steps)
+  groups = methods.param_groups()
+  label_fn = lambda tree: labels(tree, config)  # noqa: E731
+
+  def make(tree) -> optax.GradientTransformation:
+    present = sorted(set(jax.tree.leaves(label_fn(tree))) - {"main"})
+    txs = {"main": main, **{n: _group_tx(config, num_steps, groups[n]) for n in present}}
+    tx = optax.multi_transform(txs, label_fn)
+    if config.grad_clip_norm > 0:
+      own = {n for n in present if groups[n].lr_field}
+      clipped = lambda t: jax.tree.map(lambda l: l not in own, label_fn(t))  # noqa: E731
+      tx = optax.chain(optax.masked(optax.clip_by_global_norm(config.grad_clip_norm), clipped), tx)
+    return tx
+
+  return optax.GradientTransformation(lambda params: make(params).init(params),
+                                      lambda updates, state, params=None:
+                                      make(updates).update(updates, state, params))
 
 
 def _build_main(config, num_steps: int) -> optax.GradientTransformation:
