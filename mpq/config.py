@@ -368,6 +368,10 @@ FIELDS: tuple[Field, ...] = (
           "(False) or one scale per input channel, the last axis (True: fake quant only, calibrated "
           "by calib_act max or percentile; integer export needs per-tensor inputs; additions stay "
           "per tensor)", Boolean()),
+    Field("quant.param_optimizer", "model", "how quantizer parameters train: 'model' (the model's "
+          "optimizer and schedule, without weight decay) or 'declared' (the optimizer each "
+          "estimator declares, at quant.param_lr; on resnet20 W2A2 with SGD it lost 0.9 points, "
+          "see README)", one_of(("model", "declared"))),
     Field("quant.param_lr", 0.0, "learning rate of the quantizer parameters' own optimizer (each "
           "estimator declares its optimizer and a scale); 0: the model's learning_rate with "
           "adam/adamw, 1e-3 with sgd", at_least(0)),

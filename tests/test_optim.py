@@ -56,6 +56,7 @@ def test_with_adamw_quantizer_parameters_take_plain_adam_at_the_model_schedule(t
   tuned before per-estimator optimizers train the same."""
   c = tiny_config
   c.optimizer, c.weight_decay, c.warmup_steps, c.learning_rate = "adamw", 0.1, 5, 2e-3
+  c.quant.param_optimizer = "declared"
   _, params, _ = split_model(_tiny_quant_model("lsq"))
   tx = optim.build(c, 50)
   ref = optax.adam(optim.schedule(c, 50))
@@ -74,7 +75,7 @@ def test_with_adamw_quantizer_parameters_take_plain_adam_at_the_model_schedule(t
 def test_sgd_configs_train_quantizer_parameters_with_adam_at_param_lr(tiny_config):
   c = tiny_config
   c.optimizer, c.learning_rate, c.weight_decay, c.warmup_steps = "sgd", 0.1, 0.0, 0
-  c.schedule = "constant"
+  c.schedule, c.quant.param_optimizer = "constant", "declared"
   assert optim.param_lr(c) == 1e-3
   c.quant.param_lr = 3e-3
   assert optim.param_lr(c) == 3e-3
@@ -97,6 +98,7 @@ def _resnet_random_bits_config(estimator, seed=0):
   c.num_train_steps, c.log_every, c.eval_every, c.checkpoint_every = 60, 10, 60, 60
   c.augment = "none"
   c.quant.enabled, c.quant.estimator = True, estimator
+  c.quant.param_optimizer = "declared"  # each estimator's own optimizer (the default is 'model')
   fm = models.build("resnet20", 10, (28, 28, 1))
   rnd = random.Random(seed)
   c.quant.rules = tuple((re.escape(p), {"w_bits": rnd.randint(2, 8),
@@ -119,6 +121,7 @@ def test_dbits_bits_take_their_own_adam_only_under_mixed_dbits_and_skip_clipping
   c = tiny_config
   c.optimizer, c.learning_rate, c.momentum, c.weight_decay = "sgd", 1.0, 0.0, 0.0
   c.schedule, c.warmup_steps, c.grad_clip_norm = "constant", 0, 1e-3
+  c.quant.param_optimizer = "declared"
   _, params, _ = split_model(_tiny_quant_model("dbits"))
   flat = lambda t: {jax.tree_util.keystr(p).removesuffix(".value"): l for p, l in  # noqa: E731
                     jax.tree_util.tree_flatten_with_path(t)[0]}
@@ -145,3 +148,17 @@ def test_dbits_bits_take_their_own_adam_only_under_mixed_dbits_and_skip_clipping
   # the bits: Adam's first step, lr * sign(g), unclipped
   np.testing.assert_allclose(np.asarray(flat(u)[bits_key]), -0.01 * np.sign(np.asarray(g[bits_key])),
                              rtol=1e-4)
+
+
+def test_param_optimizer_model_trains_quantizer_parameters_with_the_model_optimizer(tiny_config):
+  c = tiny_config
+  c.optimizer, c.learning_rate, c.momentum, c.weight_decay = "sgd", 0.1, 0.9, 0.0
+  c.schedule, c.warmup_steps = "constant", 0
+  c.quant.param_optimizer = "model"
+  _, params, _ = split_model(_tiny_quant_model("tqt"))
+  assert set(jax.tree.leaves(optim.labels(params, c))) == {"main"}
+  tx = optim.build(c, 10)
+  grads = jax.tree.map(lambda v: jnp.full(v.shape, 5.0, jnp.float32), params)
+  u, _ = tx.update(grads, tx.init(params), params)
+  # Nesterov SGD's first step, lr (1 + momentum) g, on the threshold as on the kernel
+  np.testing.assert_allclose(np.asarray(u["conv2"]["wq"]["log2_t"].value), -0.95, rtol=1e-5)

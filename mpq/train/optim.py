@@ -42,14 +42,18 @@ def _decay_mask(params):
 def labels(params, config=None):
   """The optimizer label of every parameter: `main` for model parameters, the estimator's group
   (`QParam` metadata `opt_group`, e.g. `lsq/step_size`) for quantizer parameters, or `main` where
-  that group does not apply to `config` (`ParamGroup.when`)."""
+  that group does not apply to `config` (`ParamGroup.when`) or where `quant.param_optimizer` is
+  'model' (groups with their own `lr_field` keep it, as they always had)."""
   groups = methods.param_groups()
+  model_opt = config is not None and config.quant.get("param_optimizer", "model") == "model"
 
   def label(v):
     if not isinstance(v, QParam):
       return "main"
     group = groups[v.opt_group]
-    return v.opt_group if config is None or group.applies(config) else "main"
+    if config is not None and (not group.applies(config) or (model_opt and not group.lr_field)):
+      return "main"
+    return v.opt_group
 
   return jax.tree.map(label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
