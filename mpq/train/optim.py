@@ -28,12 +28,13 @@ def schedule(config, num_steps: int, peak: float | None = None) -> optax.Schedul
 
 def _decay_mask(params):
   """Weight decay applies to kernels (arrays of rank >= 2), not to biases, BatchNorm scales or
-  quantizer parameters (those have their own optimizers). The mask is a prefix tree with one bool
+  quantizer parameters (`QParam`, e.g. per-channel step sizes of rank 4, which train with the
+  model's optimizer under `quant.param_optimizer='model'`). The mask is a prefix tree with one bool
   per variable."""
 
   def decays(v):
     if isinstance(v, nnx.Variable):
-      return v.value.ndim >= 2
+      return not isinstance(v, QParam) and v.value.ndim >= 2
     return v.ndim >= 2
 
   return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
