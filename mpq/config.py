@@ -370,8 +370,7 @@ FIELDS: tuple[Field, ...] = (
           "per tensor)", Boolean()),
     Field("quant.param_optimizer", "model", "how quantizer parameters train: 'model' (the model's "
           "optimizer and schedule, without weight decay) or 'declared' (the optimizer each "
-          "estimator declares, at quant.param_lr; on resnet20 W2A2 with SGD it lost 0.9 points, "
-          "see README)", one_of(("model", "declared"))),
+          "estimator declares, at quant.param_lr; see the README)", one_of(("model", "declared"))),
     Field("quant.param_lr", 0.0, "learning rate of the quantizer parameters' own optimizer (each "
           "estimator declares its optimizer and a scale); 0: the model's learning_rate with "
           "adam/adamw, 1e-3 with sgd", at_least(0)),
