@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import textwrap
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, ClassVar, Iterable, Union
 
 import ml_collections
 
@@ -149,35 +149,28 @@ class OneOf(Check):
 
 
 @dataclasses.dataclass(frozen=True)
-class Boolean(Check):
-
-  def allowed(self):
-    return ""  # obvious from the default
-
-  def __call__(self, path, value):
-    return None if isinstance(value, bool) else _msg(path, value, "must be True or False")
-
-
-@dataclasses.dataclass(frozen=True)
-class String(Check):
+class TypeCheck(Check):
+  """A value of one of `types`, else `config.PATH=VALUE <complaint>`; allowed() is obvious."""
+  types: ClassVar[tuple] = ()
+  complaint: ClassVar[str] = ""
 
   def allowed(self):
     return ""
 
   def __call__(self, path, value):
-    return None if isinstance(value, str) else _msg(path, value, "must be a string")
+    return None if isinstance(value, self.types) else _msg(path, value, self.complaint)
 
 
-@dataclasses.dataclass(frozen=True)
-class Kwargs(Check):
+class Boolean(TypeCheck):
+  types, complaint = (bool,), "must be True or False"
 
-  def allowed(self):
-    return ""
 
-  def __call__(self, path, value):
-    if isinstance(value, (dict, ml_collections.ConfigDict)):
-      return None
-    return _msg(path, value, "must be a dict of keyword arguments")
+class String(TypeCheck):
+  types, complaint = (str,), "must be a string"
+
+
+class Kwargs(TypeCheck):
+  types, complaint = (dict, ml_collections.ConfigDict), "must be a dict of keyword arguments"
 
 
 @dataclasses.dataclass(frozen=True)
