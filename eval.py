@@ -47,6 +47,7 @@ def table(rows):
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
+  _check_outputs(FLAGS)
   if FLAGS.model or FLAGS.export or FLAGS.mode == "int" or FLAGS.compare:
     return _integer(FLAGS)
   if not FLAGS.workdir:
@@ -69,6 +70,17 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
     with open(FLAGS.json, "w", encoding="utf-8") as f:
       json.dump(r, f, indent=2)
+
+
+def _check_outputs(F):
+  """Every output path's kind and writability, before any work."""
+  from mpq import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  for flag in ("json", "export_bits"):
+    if getattr(F, flag):
+      workdir_lib.check_file(getattr(F, flag), f"--{flag}")
+  if F.export:
+    from mpq.export import check_out_dir  # pylint: disable=g-import-not-at-top
+    check_out_dir(F.export)
 
 
 def _ptq(F):
@@ -95,6 +107,7 @@ def _integer(F):
     src = manifest.get("source", {})
     data = data_lib.load(src.get("dataset", "fashion_mnist"), F.data_dir or src.get("data_dir") or None,
                          None, src.get("num_test_examples") or None)
+    export.check_input(manifest, data.image_shape, F.model)
     model_dir = F.model
   else:
     if not F.workdir:

@@ -1,6 +1,10 @@
 """Trains a model: `python train.py --config=configs/fmnist_cnn.py --workdir=DIR [--config.KEY=V]`.
 
-Re-running the same command on the same workdir resumes from the newest checkpoint.
+Re-running the same command on the same workdir resumes from the newest checkpoint. A resumed run
+keeps its config: fields other than the schedule's length (extended only), logging, checkpointing,
+eval_batch_size and data_dir may not change unless --allow_config_change is given (recorded in
+WORKDIR/config_history.jsonl). One run at a time owns a workdir. Ctrl-C (or SIGTERM) saves a
+checkpoint at the current step and exits 130 (143).
 """
 
 from absl import app, flags
@@ -13,6 +17,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
 flags.DEFINE_bool("progress", None, "Progress bar (default: when stderr is a terminal).")
+flags.DEFINE_bool("allow_config_change", False, "Resume a run with a config that differs from its "
+                  "saved one in fields that may not change otherwise (recorded in "
+                  "config_history.jsonl).")
 
 
 @cli.guarded
@@ -24,7 +31,8 @@ def main(argv):
   if not FLAGS.workdir:
     raise UserError("--workdir is required: the directory for checkpoints and logs")
   from mpq.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  result = train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+  result = train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
+                              allow_config_change=FLAGS.allow_config_change)
   print(f"final: step {result['step']}  test accuracy {100 * result['accuracy']:.2f}%  "
         f"loss {result['loss']:.4f}  ({result['num_examples']} examples)")
 

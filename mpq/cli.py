@@ -6,12 +6,14 @@ line and exits with status 2; `--verbose` shows the traceback instead.
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
+import signal
 import sys
 
 from absl import flags, logging
 
-from mpq.errors import UserError
+from mpq.errors import Interrupted, UserError
 
 flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 
@@ -52,17 +54,31 @@ def parse_flags(argv):
 
 
 def guarded(main):
-  """Wraps `main(argv)` so that a UserError becomes a one-line message and exit status 2."""
+  """Wraps `main(argv)`: a UserError becomes a one-line message and exit status 2, and so does an
+  OSError (`error: PATH: reason`: a path that the up-front checks could not foresee, e.g. a disk
+  that filled up); an interrupt (`Interrupted`, or a KeyboardInterrupt outside the training loop)
+  prints one line and exits with 128 + the signal number."""
 
   def wrapped(argv):
     if not flags.FLAGS.verbose:
       logging.set_verbosity(logging.ERROR)  # orbax and absl are chatty at INFO/WARNING
+      pylogging.getLogger().setLevel(pylogging.ERROR)  # orbax also logs through `logging`
     try:
       return main(argv)
+    except Interrupted as e:  # not an error: the run stopped where it was asked to
+      print(str(e), file=sys.stderr, flush=True)
+      sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # before the training loop, or a second Ctrl-C inside it
+      fail("interrupted; nothing was saved by this interrupt; re-run the same command to resume "
+           "from the last checkpoint (if any)", 128 + signal.SIGINT)
     except UserError as e:
       if flags.FLAGS.verbose:
         raise
       fail(str(e))
+    except OSError as e:
+      if flags.FLAGS.verbose:
+        raise
+      fail(f"{e.filename}: {e.strerror or e}" if e.filename else f"{e.strerror or e}")
 
   return wrapped
 

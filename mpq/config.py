@@ -15,6 +15,7 @@ import `mpq.config`, and importing this module stays cheap for the config files.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import textwrap
 from typing import Any, Callable, ClassVar, Iterable, Union
@@ -123,7 +124,11 @@ class Range(Check):
   def __call__(self, path, value):
     if not _is_number(value) or (self.integer and not _is_int(value)):
       return _msg(path, value, f"must be {self.allowed()}")
-    if value in self.also or self.inside(value):
+    if value in self.also:
+      return None
+    if not math.isfinite(value):  # inf passes an open upper bound
+      return _msg(path, value, f"must be finite ({self._prefix()}{self._bounds()})")
+    if self.inside(value):
       return None
     return _msg(path, value, f"must be {self._prefix()}{self._bounds()}")
 

@@ -20,3 +20,17 @@ class CheckpointError(UserError):
 
 class NonFiniteLossError(UserError):
   """Training produced a NaN or infinite loss."""
+
+
+class Interrupted(Exception):
+  """Training stopped on SIGINT/SIGTERM after saving a checkpoint at `step` (None: the signal came
+  before training started and nothing was saved). The command-line programs print one line and
+  exit with 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+  def __init__(self, signum: int, step: int | None):
+    self.signum, self.step = signum, step
+    if step is None:
+      text = "interrupted before training started; nothing was saved"
+    else:
+      text = (f"interrupted at step {step}; checkpoint saved; re-run the same command to resume")
+    super().__init__(text)

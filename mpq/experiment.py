@@ -12,7 +12,11 @@
   calibrate  quantizer ranges from `quant.calib_batches` training batches
   train      `mpq.train.loop.fit`, with the method's hook (dbits: budget penalty, then rounding)
              and the distillation teacher (`quant.teacher_workdir`)
-  report     `config.json` and `bits.json` (`write_bits`, the one writer of bits.json)
+  report     `config.json`, `config_history.jsonl` (`mpq.workdir.record_start`) and `bits.json`
+             (`write_bits`, the one writer of bits.json), written once every check has passed
+
+The workdir belongs to the run (`mpq.workdir`): a lock, and a resume that refuses a different
+config unless told to.
 
 The steps do not import each other: training does not import allocation and allocation does not
 import training; this module composes them.
@@ -30,6 +34,7 @@ from flax import nnx
 from mpq import config as config_lib
 from mpq import data as data_lib
 from mpq import models, quant
+from mpq import workdir as workdir_lib
 from mpq.allocate import dbits as dbits_lib
 from mpq.allocate import workflow
 from mpq.errors import UserError
@@ -39,54 +44,95 @@ from mpq.train import loop, optim, parallel
 from mpq.train.state import TrainState, init_state, split_model
 
 BITS_VERSION = 1
+CORRUPT = "corrupt"  # unreadable checkpoint steps skipped by a resume are moved here
 
 
-def train_and_evaluate(config, workdir: str, progress=None) -> dict:
-  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final eval."""
+def train_and_evaluate(config, workdir: str, progress=None,
+                       allow_config_change: bool = False) -> dict:
+  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final eval.
+
+  Every check that can fail runs before the workdir is written: the config, the output path, the
+  data, the lock (`mpq.workdir.Lock`: one run per workdir), the resume check against the run's
+  saved config (differences outside `mpq.workdir.RESUMABLE` are refused unless
+  `allow_config_change`), the checkpoint restore, allocation and calibration. Then `_start`
+  writes `config.json`, `config_history.jsonl` and `bits.json`, and training begins.
+  """
   parallel.maybe_initialize_distributed()
   config_lib.validate(config)
+  workdir_lib.check_dir(workdir)
   data = loop.load_data(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   total, per_epoch = loop.num_steps(config, len(data.train))
 
-  model, qtable = loop.build_model(config, data)
-  tx = optim.build(config, total)
-  graphdef, state = init_state(model, tx)
-  del model
-  hook = _method_hook(config, data, graphdef, total, mesh)
-  state = state._replace(extra=hook.init_extra())
+  with workdir_lib.Lock(workdir, active=jax.process_index() == 0) as lock:
+    saved = workdir_lib.saved_config(workdir)
+    changes = {}
+    if saved is not None:
+      old_total, _ = loop.num_steps(config_lib.from_dict(saved), len(data.train))
+      changes = workdir_lib.resume_changes(workdir, saved, config.to_dict(), old_total, total,
+                                           allow_config_change)
 
-  latest = ckpt_lib.steps(os.path.join(workdir, ckpt_lib.LATEST))
-  allocation = None
-  if latest:
-    state, _ = ckpt_lib.restore(os.path.join(workdir, ckpt_lib.LATEST), None, state)
-    print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
-  else:
-    if config.init_from:
-      state = _init_from(config.init_from, state)
-    if config.mixed.enabled and config.mixed.method == "ilp":
-      state, allocation = _allocate(config, data, graphdef, state)
+    model, qtable = loop.build_model(config, data)
+    tx = optim.build(config, total)
+    graphdef, state = init_state(model, tx)
+    del model
+    hook = _method_hook(config, data, graphdef, total, mesh)
+    state = state._replace(extra=hook.init_extra())
+
+    latest_dir = os.path.join(workdir, ckpt_lib.LATEST)
+    allocation, skipped = None, []
+    resumed = bool(ckpt_lib.steps(latest_dir))
+    if resumed:
+      state, _, skipped = ckpt_lib.restore_intact(latest_dir, state)
+      for step, reason in skipped:
+        print(f"warning: checkpoint {os.path.join(latest_dir, str(step))} is unreadable ({reason}); "
+              f"resuming from step {int(state.step)} (the unreadable step is moved to "
+              f"{os.path.join(workdir, CORRUPT)})", flush=True)
+      print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
+    else:
+      if config.init_from:
+        state = _init_from(config.init_from, state)
+      if config.mixed.enabled and config.mixed.method == "ilp":
+        state, allocation = _allocate(config, data, graphdef, state)
+      if isinstance(hook, dbits_lib.Training):
+        state = _with_model(graphdef, state, lambda m: dbits_lib.setup(
+            m, config.mixed, config.mixed.a_bits or config.quant.a_bits))
+      if qtable is not None:
+        state = loop.calibrate_state(config, data, graphdef, state)
+    teacher = None
+    if config.quant.enabled and config.quant.teacher_workdir:
+      teacher = load_teacher(config.quant.teacher_workdir, data)
+    if changes:
+      print(workdir_lib.describe_changes(changes, int(state.step), old_total, total), flush=True)
+    bits = (_bits_report(graphdef, state, qtable, data, allocation)
+            if qtable is not None and not resumed else None)
+
+    _start(workdir, config, int(state.step), changes, allow_config_change, bits, skipped)
+    lock.started()
+    result, state = loop.fit(config, workdir, data, mesh, graphdef, state, tx, total, per_epoch,
+                             hook=hook, teacher=teacher, progress=progress)
     if isinstance(hook, dbits_lib.Training):
-      state = _with_model(graphdef, state, lambda m: dbits_lib.setup(
-          m, config.mixed, config.mixed.a_bits or config.quant.a_bits))
-    if qtable is not None:
-      state = loop.calibrate_state(config, data, graphdef, state)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
-  if qtable is not None and (allocation is not None or not latest):
-    write_bits(workdir, _bits_report(graphdef, state, qtable, data, allocation))
-
-  teacher = None
-  if config.quant.enabled and config.quant.teacher_workdir:
-    teacher = load_teacher(config.quant.teacher_workdir, data)
-  result, state = loop.fit(config, workdir, data, mesh, graphdef, state, tx, total, per_epoch,
-                           hook=hook, teacher=teacher, progress=progress)
-  if isinstance(hook, dbits_lib.Training):
-    bits = _bits_report(graphdef, state, qtable, data, None)
-    write_bits(workdir, {**bits, **hook.report(bits, state)})
+      bits = _bits_report(graphdef, state, qtable, data, None)
+      write_bits(workdir, {**bits, **hook.report(bits, state)})
   return result
+
+
+def _start(workdir: str, config, step: int, changes: dict, forced: bool, bits: dict | None,
+           skipped: list) -> None:
+  """The first writes of a run start, after every check has passed (process 0 only): unreadable
+  checkpoint steps moved aside to `WORKDIR/corrupt/`, `config.json` and `config_history.jsonl`
+  (`mpq.workdir.record_start`), and `bits.json` for a new run."""
+  if jax.process_index() != 0:
+    return
+  for s, _ in skipped:
+    dest = os.path.join(workdir, CORRUPT, f"{ckpt_lib.LATEST}-{s}")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    os.replace(os.path.join(workdir, ckpt_lib.LATEST, str(s)), dest)
+  workdir_lib.record_start(workdir, config.to_json(indent=2, sort_keys=True), step, changes, forced)
+  if bits is not None:
+    write_bits(workdir, bits)
 
 
 def _with_model(graphdef, state: TrainState, fn) -> TrainState:
@@ -193,20 +239,4 @@ def write_bits(workdir: str, bits: dict) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump({"_version": BITS_VERSION, **bits}, f, indent=2)
-  os.replace(tmp, path)
-
-
-def _write_config(config, workdir: str) -> None:
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, "config.json")
-  text = config.to_json(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      if f.read() != text:
-        print(f"note: the config differs from the one in {path}; keeping the new one "
-              "(the old one stays in the checkpoints' metadata)", flush=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
   os.replace(tmp, path)

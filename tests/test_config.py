@@ -96,6 +96,18 @@ def test_value_outside_the_range_is_a_one_line_error(path, value):
   assert "must be" in msg
 
 
+NON_FINITE = [(f.path, v) for f in RANGES if not f.check.integer
+              for v in (math.inf, -math.inf, math.nan) if v not in f.check.also]
+
+
+@pytest.mark.parametrize("path,value", NON_FINITE, ids=[f"{p}={v!r}" for p, v in NON_FINITE])
+def test_non_finite_float_is_a_one_line_error(path, value):
+  # learning_rate=inf passed an open upper bound before; NaN fails every comparison
+  c = _config_for(path)
+  _set(c, path, value)
+  assert "must be" in _assert_one_line_error(c, path)
+
+
 @pytest.mark.parametrize("path,value", EDGES, ids=[f"{p}={v!r}" for p, v in EDGES])
 def test_value_at_the_edge_of_the_range_validates(path, value):
   c = _config_for(path)

@@ -60,8 +60,22 @@ def test_real_fashion_mnist():
 
 
 def test_missing_dataset_dir(tmp_path):
-  with pytest.raises(DataError, match="make setup"):
+  with pytest.raises(DataError, match=r"\(--config.data_dir\): it lacks train-images-idx3-ubyte.gz"):
     fashion_mnist.find_dir(str(tmp_path))
+  with pytest.raises(DataError, match="no such directory"):
+    fashion_mnist.find_dir(str(tmp_path / "none"))
+
+
+def test_named_environment_directory_is_used_or_rejected(tmp_path, monkeypatch):
+  monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
+  installed = fashion_mnist.find_dir()
+  monkeypatch.setenv(fashion_mnist.ENV_VAR, str(tmp_path))  # empty: rejected, not skipped
+  with pytest.raises(DataError, match=r"\(\$MPQ_FASHION_MNIST_DIR\): it lacks"):
+    fashion_mnist.find_dir()
+  for img, lbl, _ in fashion_mnist.FILES.values():
+    for f in (img, lbl):
+      os.symlink(os.path.join(installed, f), tmp_path / f)
+  assert fashion_mnist.find_dir() == str(tmp_path)
 
 
 def _small(n=100):

@@ -1,7 +1,8 @@
 """Fashion-MNIST from its original IDX files (Xiao et al. 2017): 60k/10k 28x28 grey images, 10 classes.
 
-Where the files are looked for, in order: the `data_dir` argument, `$MPQ_FASHION_MNIST_DIR`, Debian's
-package `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`), and `~/.cache/mpq/fashion-mnist`
+Where the files are looked for: the `data_dir` argument, else `$MPQ_FASHION_MNIST_DIR` (a named
+location is used or rejected with an error, never skipped), else the first of Debian's package
+`dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`) and `~/.cache/mpq/fashion-mnist`
 (where `python -m mpq.data.install` downloads them when the Debian package cannot be
 installed). `make setup` runs that installer.
 """
@@ -37,15 +38,32 @@ def _has_files(d: str) -> bool:
   return all(os.path.isfile(os.path.join(d, f)) for img, lbl, _ in FILES.values() for f in (img, lbl))
 
 
+def _missing(d: str) -> list[str]:
+  return [f for img, lbl, _ in FILES.values() for f in (img, lbl)
+          if not os.path.isfile(os.path.join(d, f))]
+
+
 def find_dir(data_dir: str | None = None) -> str:
-  """Returns the first directory that holds the four files, or raises DataError."""
-  candidates = [data_dir] if data_dir else [os.environ.get(ENV_VAR), DEBIAN_DIR, CACHE_DIR]
-  for d in candidates:
-    if d and _has_files(d):
+  """The directory that holds the four files, or a DataError. A location the user names (the
+  `data_dir` argument, else `$MPQ_FASHION_MNIST_DIR`) is used or rejected, never skipped; without
+  one, the first of Debian's directory and the download cache that holds them."""
+  named = [(data_dir, "--config.data_dir")] if data_dir else (
+      [(os.environ[ENV_VAR], f"${ENV_VAR}")] if os.environ.get(ENV_VAR) else [])
+  for d, what in named:
+    if not os.path.isdir(d):
+      raise DataError(f"Fashion-MNIST not found in {d} ({what}): no such directory; point "
+                      f"{what} at the directory with the four IDX .gz files, or unset it")
+    missing = _missing(d)
+    if missing:
+      raise DataError(f"Fashion-MNIST not found in {d} ({what}): it lacks {', '.join(missing)}; "
+                      f"point {what} at the directory with the four IDX .gz files, or unset it")
+    return d
+  for d in (DEBIAN_DIR, CACHE_DIR):
+    if _has_files(d):
       return d
-  where = ", ".join(d for d in candidates if d)
-  raise DataError(f"Fashion-MNIST not found in {where}; run `make setup` (installs Debian's "
-                  "dataset-fashion-mnist or downloads the files) or set --config.data_dir")
+  raise DataError(f"Fashion-MNIST not found in {DEBIAN_DIR} or {CACHE_DIR}; run `make setup` "
+                  "(installs Debian's dataset-fashion-mnist or downloads the files) or set "
+                  "--config.data_dir")
 
 
 def load_split(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:

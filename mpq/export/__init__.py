@@ -32,9 +32,23 @@ up to float rounding of values that lie within ~1e-7 of a rounding boundary.
 
 Weights are per-output-channel symmetric integers (BatchNorm folded); weights of 4 bits or fewer
 are packed into uint8 (`pack`).
+
+`load` validates every field before anything runs: the manifest's keys, types and input spec, the
+ops' fields (each IR op's `validate`: finite positive scales, bits 2-16, integers on their grids,
+tensors of the dtype and element count their shapes and bits imply), that each grid tensor lies on
+the grid its consumer declares, and that the shapes fit from the input to the logits; weights.npz
+is read without pickle. Every defect is one `ExportError` line naming the file, op and field.
+`check_input(manifest, image_shape)` refuses a dataset whose images do not fit the model.
+
+`check_out_dir(out)` runs before any work: `out` must be new, empty, or an earlier export (an
+`mpq-int` manifest and only files that registered targets write, `Target.files`); `export` then
+writes into a temporary sibling directory and swaps it in (`write`), so an unrelated directory is
+never touched and a failed export leaves the earlier one intact.
 """
 
-from mpq.export.exporter import ExportError, export, load, pack, unpack
+from mpq.export.exporter import (ExportError, check_input, check_out_dir, export, load, pack,
+                                 unpack, write)
 from mpq.export.targets import TARGETS
 
-__all__ = ["ExportError", "TARGETS", "export", "load", "pack", "unpack"]
+__all__ = ["ExportError", "TARGETS", "check_input", "check_out_dir", "export", "load", "pack",
+           "unpack", "write"]

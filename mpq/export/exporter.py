@@ -8,8 +8,15 @@ accumulator and the next quantizer, and the target's multiplier rule (`mpq.expor
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import secrets
+import shutil
+import stat
+import tempfile
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -51,12 +58,152 @@ def grid(q, tensor=None) -> dict:
 def export(model, image_shape, out_dir: str, meta: dict | None = None, target: str = "mpq") -> dict:
   """Lowers `model` and writes it with `target`'s writer (`mpq`: `out_dir/manifest.json` and
   `out_dir/weights.npz`); returns the manifest. `meta` (e.g. dataset, model, source checkpoint) is
-  stored under "source"."""
+  stored under "source". `out_dir` is checked first (`check_out_dir`: new, empty, or an earlier
+  export, which is replaced as a whole; anything else is refused before any work) and written
+  through a temporary sibling directory (`write`), so a failure leaves it as it was."""
   t = targets_lib.get(target)
+  check_out_dir(out_dir)
   lowering = Lowering(graph_lib.capture(model, image_shape), image_shape, t)
   manifest = lowering.run(meta)
-  t.write(out_dir, manifest, lowering.tensors)
+  write(out_dir, t, manifest, lowering.tensors)
   return manifest
+
+
+# -- the output directory
+
+def _export_files() -> set[str]:
+  """The file names that some registered target writes (`Target.files`)."""
+  return {f for t in targets_lib.TARGETS.values() for f in t.files}
+
+
+def _is_mpq_manifest(path: str) -> bool:
+  try:
+    with open(path, encoding="utf-8") as f:
+      m = json.load(f)
+  except (OSError, ValueError, RecursionError):
+    return False
+  return isinstance(m, dict) and m.get("format") == FORMAT
+
+
+def _names(names, limit: int = 5) -> str:
+  names = sorted(names)
+  more = f" and {len(names) - limit} more" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def check_out_dir(out_dir: str) -> str:
+  """Checks that an export may write `out_dir`, before any work; returns what it is: "new" (it
+  does not exist; the nearest existing ancestor is a writable directory), "empty" (an empty
+  writable directory) or "export" (an earlier export: a `manifest.json` of format `mpq-int` and
+  only files that registered targets write (`Target.files`), in a directory whose parent is
+  writable, so it can be replaced as a whole). Anything else (a file, a directory holding other
+  files, a path that cannot be created) is an ExportError, with nothing touched."""
+  path = os.path.realpath(out_dir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ExportError(f"export directory {out_dir} is a file; pass a directory (new, empty, or an "
+                      "earlier export)")
+  if not os.path.exists(path):
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+      ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+      raise ExportError(f"cannot create export directory {out_dir}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+      raise ExportError(f"cannot create export directory {out_dir}: {ancestor} is not writable")
+    return "new"
+  entries = os.listdir(path)
+  if not entries:
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise ExportError(f"cannot export into {out_dir}: the directory is not writable")
+    return "empty"
+  refuse = (f"{out_dir} is not empty and holds no earlier mpq export ({{}}); export into a new "
+            "or empty directory (nothing was written)")
+  if "manifest.json" not in entries or not _is_mpq_manifest(os.path.join(path, "manifest.json")):
+    what = ("its manifest.json is not an mpq-int manifest" if "manifest.json" in entries else
+            "no manifest.json")
+    raise ExportError(refuse.format(f"{what}; it holds {_names(entries)}"))
+  known = _export_files()
+  other = [e for e in entries if e not in known or os.path.isdir(os.path.join(path, e))]
+  if other:
+    raise ExportError(refuse.format(f"besides the export's files it holds {_names(other)}"))
+  parent = os.path.dirname(path)
+  if path == parent:
+    raise ExportError(f"cannot replace {out_dir}: it is the filesystem root")
+  for d, what in ((parent, f"its parent {parent}"), (path, "the directory")):
+    if not os.access(d, os.W_OK | os.X_OK):
+      raise ExportError(f"cannot replace the earlier export in {out_dir}: {what} is not writable")
+  return "export"
+
+
+def _default_mode() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o777 & ~mask
+
+
+def write(out_dir: str, target, manifest: dict, tensors: dict) -> None:
+  """Writes an exported model with `target`'s writer (a `Target` or its name) into a fresh
+  temporary sibling of `out_dir` (same parent, `.NAME.tmp-*`), then puts it in place: a new
+  directory is renamed into place, an empty one receives the files, an earlier export is swapped
+  out (renamed aside, the new directory renamed in, the old one removed). If anything fails
+  before that, the temporary directory is removed and `out_dir` is as it was."""
+  t = targets_lib.get(target) if isinstance(target, str) else target
+  state = check_out_dir(out_dir)
+  path = os.path.realpath(out_dir)
+  parent, base = os.path.split(path)
+  created, d = [], parent  # missing ancestors, deepest first (removed again if the export fails)
+  while not os.path.exists(d):
+    created.append(d)
+    d = os.path.dirname(d)
+  os.makedirs(parent, exist_ok=True)
+  tmp, moved = None, []
+  try:
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{base}.tmp-")
+    t.write(tmp, manifest, tensors)
+    extra = set(os.listdir(tmp)) - set(t.files)
+    if extra:  # a later export could not tell them from a user's files
+      raise RuntimeError(f"export target {t.name!r} wrote {_names(extra)}, which are not in its "
+                         f"declared files {t.files}")
+    if state == "empty":
+      for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        moved.append(name)
+      os.rmdir(tmp)
+      return
+    os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if state == "export" else _default_mode())
+    if state == "new":
+      os.rename(tmp, path)
+      return
+    old = os.path.join(parent, f".{base}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(path, old)
+    try:
+      os.rename(tmp, path)
+    except BaseException:
+      os.rename(old, path)
+      raise
+    shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    for name in moved:  # an empty directory stays empty
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(path, name))
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    for d in created:
+      with contextlib.suppress(OSError):
+        os.rmdir(d)
+    raise
+
+
+def check_input(manifest: dict, image_shape, model_dir: str | None = None) -> None:
+  """Raises an ExportError unless the manifest's input shape is `image_shape` (the dataset's
+  images, [H, W, C]); `model_dir` names the model in the message."""
+  shape = list(manifest["input"]["shape"])
+  if shape != [int(v) for v in image_shape]:
+    where = os.path.join(model_dir, "manifest.json") if model_dir else "the exported model"
+    dataset = (manifest.get("source") or {}).get("dataset")
+    raise ExportError(f"{where}: input shape {shape} does not fit the dataset's images "
+                      f"{tuple(int(v) for v in image_shape)}; evaluate it on the dataset it was "
+                      f"exported for{f' ({dataset})' if dataset else ''}")
 
 
 class Acc(NamedTuple):
@@ -201,34 +348,230 @@ class Lowering:
             "num_classes": int(self.graph.out_shape[-1]), "source": meta or {}, "ops": self.ops}
 
 
-def _need(op, field, cond, what):
-  if not cond:
-    raise ExportError(f"manifest op {op.get('name', '?')!r} ({op.get('op', '?')}): field {field!r} "
-                      f"{what}")
+# -- loading
+
+_TOP = {"format": (str, "a string"), "version": (int, "an integer"),
+        "input": (dict, "an object (the input spec)"), "output": (str, "a tensor name"),
+        "num_classes": (int, "an integer"), "ops": (list, "a list of op objects")}
+
+
+def _read_manifest(model_dir: str, path: str) -> dict:
+  if not os.path.isdir(model_dir):
+    raise ExportError(f"{model_dir} is not a directory; pass the directory an export wrote "
+                      "(manifest.json and weights.npz)" if os.path.exists(model_dir) else
+                      f"exported model {model_dir} does not exist")
+  try:
+    with open(path, "rb") as f:
+      text = f.read()
+  except FileNotFoundError:
+    raise ExportError(f"{model_dir} holds no manifest.json; it is not an exported model (written "
+                      "by eval.py --export)") from None
+  except OSError as e:
+    raise ExportError(f"cannot read {path}: {e.strerror or e}") from None
+  try:
+    manifest = json.loads(text.decode("utf-8"))
+  except UnicodeDecodeError:
+    raise ExportError(f"{path} is not valid JSON (not UTF-8 text)") from None
+  except json.JSONDecodeError as e:
+    raise ExportError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
+                      f"{e.colno})") from None
+  except RecursionError:
+    raise ExportError(f"{path} is not valid JSON (nested too deeply)") from None
+  if not isinstance(manifest, dict):
+    raise ExportError(f"{path} is not a JSON object (an {FORMAT} manifest is one); it holds "
+                      f"{type(manifest).__name__ if manifest is not None else 'null'}")
+  return manifest
+
+
+def _check_top(manifest: dict, path: str) -> None:
+  """The top-level keys, their types, and the input spec."""
+  missing = [k for k in _TOP if k not in manifest]
+  if missing:
+    raise ExportError(f"{path}: missing top-level key{'s' if len(missing) > 1 else ''} "
+                      f"{', '.join(map(repr, missing))} (an {FORMAT} v{VERSION} manifest has "
+                      f"{', '.join(_TOP)})")
+  if manifest["format"] != FORMAT or manifest["version"] != VERSION or isinstance(
+      manifest["version"], bool):
+    raise ExportError(f"{path}: format {manifest['format']!r} version {manifest['version']!r} is "
+                      f"not {FORMAT!r} version {VERSION}")
+  for key, (typ, what) in _TOP.items():
+    v = manifest[key]
+    if not isinstance(v, typ) or isinstance(v, bool):
+      raise ExportError(f"{path}: top-level key {key!r} must be {what}, not {_json_type(v)}")
+  if manifest["num_classes"] < 1:
+    raise ExportError(f"{path}: top-level key 'num_classes' must be >= 1 (got "
+                      f"{manifest['num_classes']})")
+  if not manifest["output"]:
+    raise ExportError(f"{path}: top-level key 'output' must name the logits tensor (got '')")
+  if len(manifest["ops"]) < 2:
+    raise ExportError(f"{path}: top-level key 'ops' must list at least a quantize and a dequantize "
+                      f"op (got {len(manifest['ops'])})")
+  if not isinstance(manifest.get("source", {}), dict):
+    raise ExportError(f"{path}: top-level key 'source' must be an object, not "
+                      f"{_json_type(manifest['source'])}")
+  spec = manifest["input"]
+
+  def need(_, field, ok, what):
+    if not ok:
+      raise ExportError(f"{path}: input field {field!r} {what}")
+
+  IROp = ops.IROp  # pylint: disable=invalid-name
+  need(spec, "tensor", isinstance(spec.get("tensor"), str) and spec["tensor"],
+       f"must name the quantized input tensor{IROp.got(spec, 'tensor')}")
+  shape = spec.get("shape")
+  need(spec, "shape", isinstance(shape, list) and len(shape) == 3
+       and all(IROp.is_int(v) and v >= 1 for v in shape),
+       f"must be [H, W, C], positive integers{IROp.got(spec, 'shape')}")
+  IROp.scale(spec, "scale", need)
+  bits = IROp.bits(spec, "bits", need)
+  lo, hi = IROp.bits_range(bits)
+  qmin = IROp.integer(spec, "qmin", need, lo, hi - 1)
+  qmax = IROp.integer(spec, "qmax", need, qmin + 1, min(hi, qmin + 2 ** bits - 1))
+  IROp.integer(spec, "zero_point", need, qmin, qmax)
+
+
+def _json_type(v) -> str:
+  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+          float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _read_weights(path: str) -> dict:
+  """{name: array} of weights.npz, read without pickle; any defect is one ExportError line."""
+
+  def invalid(reason):
+    return ExportError(f"{path} is not a valid .npz file ({reason}); re-export the model")
+
+  try:
+    with open(path, "rb") as f:
+      head = f.read(4)
+  except FileNotFoundError:
+    raise ExportError(f"{path} is missing (an exported model is manifest.json and weights.npz); "
+                      "re-export the model") from None
+  except OSError as e:
+    raise ExportError(f"cannot read {path}: {e.strerror or e}") from None
+  if not head:
+    raise invalid("the file is empty")
+  if head not in (b"PK\x03\x04", b"PK\x05\x06"):
+    raise invalid("not a zip archive")
+  raw, name = {}, None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      for name in z.files:
+        a = z[name]
+        if not isinstance(a, np.ndarray):
+          raise invalid(f"entry {name!r} is not a .npy array")
+        if a.dtype.hasobject:
+          raise invalid(f"entry {name!r} holds Python objects, not numbers")
+        raw[name] = a
+  except ExportError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (zip, zlib, npy header: all one defect)
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "pickle" in text.lower() or "object arr" in text.lower():
+      reason = f"entry {name!r} holds Python objects, not numbers"
+    elif isinstance(e, (zipfile.BadZipFile, EOFError)):
+      reason = f"truncated or corrupt zip archive: {text}"
+    else:
+      reason = f"entry {name!r}: {text}" if name is not None else text
+    raise invalid(reason[:200]) from None
+  return raw
 
 
 def load(model_dir: str) -> tuple[dict, dict]:
   """Reads and validates an exported model; returns (manifest, {name: unpacked int32 array}).
-  Generic checks here (format, version, known ops, inputs defined before use); each IR op's
-  fields are checked by its registry entry (`mpq.ops`)."""
+  Every defect is an ExportError of one line naming the file, op and field. Checked here: the
+  manifest is a JSON object with the top-level keys and input spec of format `mpq-int` v1
+  (`_check_top`); weights.npz is a valid .npz of numeric arrays (read without pickle); the ops
+  are registered IR ops, the first a `quantize` of the float "input" matching the input spec, the
+  last a `dequantize` producing `output` with 1 or `num_classes` scales, each reading tensors an
+  earlier op produced and producing a new one; grid inputs lie on the grids their consumers
+  declare (`IROp.value_range`); and the shapes fit from the input to the logits (`_check_shapes`).
+  Each IR op's own fields are checked by its registry entry (`IROp.validate`, `mpq.ops`)."""
   path = os.path.join(model_dir, "manifest.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      manifest = json.load(f)
-    raw = dict(np.load(os.path.join(model_dir, "weights.npz")))
-  except (OSError, ValueError) as e:
-    raise ExportError(f"cannot read the exported model in {model_dir}: {e}") from None
-  if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-    raise ExportError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}"
-                      f" is not {FORMAT!r} version {VERSION}")
-  tensors = {}
-  defined = {"input"}
-  for op in manifest.get("ops", []):
+  manifest = _read_manifest(model_dir, path)
+  _check_top(manifest, path)
+  raw = _read_weights(os.path.join(model_dir, "weights.npz"))
+
+  def need(op, field, cond, what):
+    if not cond:
+      name, kind = op.get("name", "?"), op.get("op", "?")
+      raise ExportError(f"{path}: op {name!r} ({kind}): field {field!r} {what}")
+
+  ir_ops, n = manifest["ops"], len(manifest["ops"])
+  tensors, ranges, defined = {}, {}, set()
+  for i, op in enumerate(ir_ops):
+    if not isinstance(op, dict):
+      raise ExportError(f"{path}: ops[{i}] must be an object, not {_json_type(op)}")
     kind = op.get("op")
-    _need(op, "op", kind in ops.IR_OPS, f"must be one of {tuple(sorted(ops.IR_OPS))}")
+    need(op, "op", isinstance(kind, str) and kind in ops.IR_OPS,
+         f"must be one of {tuple(sorted(ops.IR_OPS))}{ops.IROp.got(op, 'op')}")
+    need(op, "name", isinstance(op.get("name"), str) and op["name"],
+         f"must be a non-empty string{ops.IROp.got(op, 'name')}")
+    if i == 0:
+      need(op, "op", kind == "quantize", "must be 'quantize': the first op quantizes the input")
+    elif i == n - 1:
+      need(op, "op", kind == "dequantize", "must be 'dequantize': the last op gives the logits")
+    else:
+      need(op, "op", kind not in ("quantize", "dequantize"),
+           f"{kind!r} may only be the {'first' if kind == 'quantize' else 'last'} op")
     entry = ops.ir_op(kind)
-    entry.validate(op, raw, tensors, _need)
     for t in entry.inputs(op):
-      _need(op, "input", t in defined, f"names tensor {t!r}, which no earlier op produces")
-    defined.add(op.get("output"))
+      if i == 0:
+        need(op, "input", t == "input",
+             f"must be 'input' (the float model input){ops.IROp.got(op, 'input')}")
+      else:
+        need(op, entry.input_field, isinstance(t, str) and t in defined,
+             f"names tensor {t!r}, which no earlier op produces")
+    out = op.get("output")
+    need(op, "output", isinstance(out, str) and out and out != "input" and out not in defined,
+         f"must name a new tensor{ops.IROp.got(op, 'output')}")
+    entry.validate(op, raw, tensors, need)
+    r = entry.value_range(op, ranges, need)
+    if r is not None:
+      ranges[out] = r
+    defined.add(out)
+  first, last, spec = ir_ops[0], ir_ops[-1], manifest["input"]
+  for field in ("scale", "zero_point", "qmin", "qmax", "bits"):
+    need(first, field, first[field] == spec[field],
+         f"is {first[field]!r}, but the input spec says {spec[field]!r}")
+  need(first, "output", first["output"] == spec["tensor"],
+       f"is {first['output']!r}, but the input spec's tensor is {spec['tensor']!r}")
+  need(last, "output", last["output"] == manifest["output"],
+       f"is {last['output']!r}, but the manifest's output is {manifest['output']!r}")
+  need(last, "scale", len(last["scale"]) in (1, manifest["num_classes"]),
+       f"must have 1 or num_classes = {manifest['num_classes']} entries, not {len(last['scale'])}")
+  _check_shapes(manifest, tensors, need)
   return manifest, tensors
+
+
+def _check_shapes(manifest: dict, tensors: dict, need) -> None:
+  """Traces the ops abstractly (`jax.eval_shape`, nothing is computed) on a batch of two inputs of
+  the manifest's input shape, so that a shape that does not fit (a weight_shape, a pooling window,
+  per-channel tensors) is an error naming the op, not a failure when the model runs; the logits
+  must be [batch, num_classes]."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ir_ops = manifest["ops"]
+  shape = (2, *manifest["input"]["shape"])
+
+  def trace(x):
+    env = {"input": x}
+    for op in ir_ops:
+      args = {t: env[t] for t in ops.ir_op(op["op"]).inputs(op)}
+      try:
+        y = ops.ir_op(op["op"]).kernel(op, args, tensors)
+      except Exception as e:  # pylint: disable=broad-except  (shape errors of jax / numpy)
+        text = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        got = ", ".join(f"{t} {tuple(v.shape)}" for t, v in args.items())
+        need(op, ops.ir_op(op["op"]).input_field, False,
+             f"does not fit: its input{'s' if len(args) > 1 else ''} {got} ({text})")
+      need(op, "output", math.prod(y.shape) > 0,
+           f"would be empty (shape {tuple(y.shape)} from input shape "
+           f"{', '.join(str(tuple(v.shape)) for v in args.values())})")
+      env[op["output"]] = y
+    return env[ir_ops[-1]["output"]]
+
+  out = jax.eval_shape(trace, jax.ShapeDtypeStruct(shape, jnp.float32))
+  need(ir_ops[-1], "output", tuple(out.shape) == (2, manifest["num_classes"]),
+       f"would have shape {tuple(out.shape)[1:]} per image, not ({manifest['num_classes']},) "
+       "(num_classes)")

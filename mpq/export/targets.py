@@ -1,7 +1,11 @@
 """The target registry: what a deployment target decides about an exported integer model.
 
 A target (`Target`, registered in `TARGETS` by name) owns
-  write(out_dir, manifest, tensors)   its file writer
+  write(out_dir, manifest, tensors)   its file writer: writes `files` into `out_dir`, a fresh
+                                      directory (`mpq.export.exporter.write` puts it in place)
+  files                               the names of the files its writer produces; a directory
+                                      holding an mpq manifest and only files some target writes
+                                      is an earlier export, which a new export may replace
   multiplier(m, out_max)              how a real multiplier becomes (M0, shift) for its kernels
   rounding                            the rounding rule of each IR op (`mpq.rounding.RULES` names;
                                       `"*"` is the default), used where the lowering rounds
@@ -29,6 +33,7 @@ from mpq.fixedpoint import requant_multiplier
 class Target:
   name: str
   write: Callable[[str, dict, dict], None]
+  files: tuple[str, ...]
   multiplier: Callable[[float, float], tuple[int, int]]
   rounding: dict
 
@@ -37,13 +42,11 @@ class Target:
 
 
 def _write_mpq(out_dir: str, manifest: dict, tensors: dict) -> None:
-  """`out_dir/manifest.json` (atomically) and `out_dir/weights.npz`."""
+  """`out_dir/weights.npz` and `out_dir/manifest.json`."""
   os.makedirs(out_dir, exist_ok=True)
   np.savez(os.path.join(out_dir, "weights.npz"), **tensors)
-  tmp = os.path.join(out_dir, "manifest.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
+  with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, "manifest.json"))
 
 
 TARGETS: dict[str, Target] = {}
@@ -60,4 +63,5 @@ def get(name: str) -> Target:
   return TARGETS[name]
 
 
-register(Target("mpq", _write_mpq, requant_multiplier, {"*": "half_up"}))
+register(Target("mpq", _write_mpq, ("manifest.json", "weights.npz"), requant_multiplier,
+              {"*": "half_up"}))

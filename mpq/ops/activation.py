@@ -63,13 +63,18 @@ class ClampIR(IROp):
   name = "clamp"
 
   def validate(self, op, raw, tensors, need):
-    lo, hi = op.get("lo"), op.get("hi")
-    if isinstance(hi, str):
-      need(op, "hi", hi in raw and raw[hi].dtype == np.int32, "names no int32 tensor")
-      tensors[hi] = raw[hi]
-      hi = int(raw[hi].min())
-    need(op, "lo", isinstance(lo, int) and isinstance(hi, int) and lo <= hi,
-         "must be an integer <= hi")
+    """`lo` an int32 integer; `hi` one too, or the name of a non-empty 1-d int32 tensor (per
+    channel); lo <= hi."""
+    lo = self.integer(op, "lo", need, -2 ** 31, INT32_MAX)
+    if isinstance(op.get("hi"), str):
+      t = self.tensor(op, "hi", raw, need, np.int32, ndim=1,
+                      what="a non-empty 1-d int32 tensor (per channel)")
+      need(op, "hi", t.size >= 1, "must name a non-empty 1-d int32 tensor (per channel)")
+      tensors[op["hi"]] = t
+      hi = int(t.min())
+    else:
+      hi = self.integer(op, "hi", need, -2 ** 31, INT32_MAX)
+    need(op, "lo", lo <= hi, f"must be <= hi ({hi}){self.got(op, 'lo')}")
 
   def kernel(self, op, env, tensors):
     hi = op["hi"]

@@ -38,22 +38,42 @@ class Add(OpKind):
 
 
 class AddIR(IROp):
-  name = "add"
+  name, input_field = "add", "inputs"
 
   def inputs(self, op):
-    return list(op.get("inputs") or [])
+    v = op.get("inputs")
+    return list(v) if isinstance(v, list) else [v]
 
   def validate(self, op, raw, tensors, need):
-    need(op, "inputs", isinstance(op.get("inputs"), list) and len(op["inputs"]) == 2,
-         "must list two tensors")
-    need(op, "left_shift", isinstance(op.get("left_shift"), int) and 0 <= op["left_shift"] <= 30,
-         "must be an integer in [0, 30]")
-    for field, ok, what in (("multipliers", lambda v: 0 <= v <= 2 ** 31 - 1, "int32 >= 0"),
-                            ("shifts", lambda v: -31 <= v <= 30, "in [-31, 30]"),
-                            ("input_zero_points", lambda v: True, "integers")):
-      vals = op.get(field)
-      need(op, field, isinstance(vals, list) and len(vals) == 2
-           and all(isinstance(v, int) and ok(v) for v in vals), f"must be two {what}")
+    """Two input tensors, each with its bits (2-16), zero point on that grid, scale > 0,
+    quantizer name, int32 multiplier >= 0 and shift in [-31, 30]; `left_shift` in [0, 30]."""
+    need(op, "inputs", isinstance(op.get("inputs"), list) and len(op["inputs"]) == 2
+         and all(isinstance(t, str) for t in op["inputs"]),
+         f"must list two tensor names{self.got(op, 'inputs')}")
+    self.integer(op, "left_shift", need, 0, 30)
+    self.integers(op, "multipliers", need, 2, 0, 2 ** 31 - 1)
+    self.integers(op, "shifts", need, 2, -31, 30)
+    bits = self.integers(op, "a_bits", need, 2, 2, 16)
+    zs = self.integers(op, "input_zero_points", need, 2)
+    for b, z in zip(bits, zs):
+      lo, hi = self.bits_range(b)
+      need(op, "input_zero_points", lo <= z <= hi, f"must lie on their inputs' grids ({b} bits: "
+           f"[{lo}, {hi}]){self.got(op, 'input_zero_points')}")
+    self.scales(op, "input_scales", need, sizes=[2])
+    need(op, "quantizers", isinstance(op.get("quantizers"), list) and len(op["quantizers"]) == 2
+         and all(isinstance(q, str) for q in op["quantizers"]),
+         f"must list two quantizer names{self.got(op, 'quantizers')}")
+
+  def value_range(self, op, ranges, need):
+    """Each input is a grid tensor whose `(q - z) << left_shift` fits int32 over its range."""
+    for t, z in zip(op["inputs"], op["input_zero_points"]):
+      r = ranges.get(t)
+      need(op, "inputs", r is not None, f"names {t!r}, which is no integer grid tensor (an "
+           "accumulator); requantize it first")
+      d = max(abs(r[0] - z), abs(r[1] - z))
+      need(op, "left_shift", d << op["left_shift"] <= 2 ** 31 - 1,
+           f"{op['left_shift']} overflows int32 on input {t!r} (range {list(r)}, zero point {z})")
+    return None
 
   def kernel(self, op, env, tensors):
     acc = jnp.int32(0)

@@ -11,12 +11,14 @@ take 'SAME' or 'VALID' padding; `conv` has an optional bias, `conv_bn` folds its
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mpq.ops.registry import IROp, OpKind, register
-from mpq.packing import unpack
+from mpq.packing import storage, unpack
 
 # XLA CPU sends int8 convolutions with at most 16 input and 16 output channels to its generic
 # emitter and larger ones to YNNPACK; measured on 256x28x28 inputs, 3x3, 16 -> 16 channels: 87 ms,
@@ -133,30 +135,57 @@ class LinearIR(IROp):
   flatten: bool = False  # dense: the input is flattened row-major to [B, -1] first
 
   def validate(self, op, raw, tensors, need):
-    need(op, "w_bits", isinstance(op.get("w_bits"), int) and 2 <= op["w_bits"] <= 16,
-         "must be an integer from 2 to 16")
-    need(op, "a_bits", isinstance(op.get("a_bits"), int) and 2 <= op["a_bits"] <= 16,
-         "must be an integer from 2 to 16")
-    need(op, "weight", op.get("weight") in raw, "names no tensor in weights.npz")
-    need(op, "bias", op.get("bias") in raw, "names no tensor in weights.npz")
+    """Bits 2-16; `weight_shape` positive integers ([in, out], or [kh, kw, cin/groups, cout]);
+    the stored weights of exactly the dtype and size `pack` writes for that shape and `w_bits`
+    (checked before unpacking) and values within `w_bits`; an int32 bias of shape (cout,); the
+    input grid (`input_range`, `input_zero_point` on it, `input_scale`), per-channel
+    `weight_scale`; conv `stride`, `padding`, `groups`, dense `flatten`."""
+    w_bits, a_bits = self.bits(op, "w_bits", need), self.bits(op, "a_bits", need)
     shape = op.get("weight_shape")
-    need(op, "weight_shape", isinstance(shape, list) and len(shape) == (4 if self.conv else 2),
-         "must be [kh, kw, cin/groups, cout]" if self.conv else "must be [in, out]")
-    w = unpack(raw[op["weight"]], op["w_bits"], shape)
-    lim = 2 ** (op["w_bits"] - 1)
-    need(op, "weight", w.min() >= -lim and w.max() < lim, f"holds values outside {op['w_bits']} bits")
-    b = raw[op["bias"]]
-    need(op, "bias", b.dtype == np.int32 and b.shape == (shape[-1],),
-         f"must be int32 of shape ({shape[-1]},)")
-    rng = op.get("input_range")
-    need(op, "input_range", isinstance(rng, list) and len(rng) == 2
-         and all(isinstance(v, int) for v in rng) and rng[0] < rng[1]
-         and rng[1] - rng[0] < 2 ** op["a_bits"], f"must be [qmin, qmax] of an {op['a_bits']}-bit grid")
+    rank = 4 if self.conv else 2
+    need(op, "weight_shape", isinstance(shape, list) and len(shape) == rank
+         and all(self.is_int(v) and v >= 1 for v in shape),
+         ("must be [kh, kw, cin/groups, cout]" if self.conv else "must be [in, out]")
+         + f" positive integers{self.got(op, 'weight_shape')}")
+    n = math.prod(shape)
+    dtype, size = storage(w_bits, n)
+    how = (f"packed {8 // (2 if w_bits <= 2 else 4)} per byte" if dtype == np.uint8 else
+           "one per element")
+    what = (f"{self.article(dtype.name)} tensor of shape ({size},): {n} weights of {w_bits} bits "
+            f"({'x'.join(map(str, shape))}), {how}")
+    stored = self.tensor(op, "weight", raw, need, dtype, shape=(size,), what=what)
+    w = unpack(stored, w_bits, shape)
+    lim = 2 ** (w_bits - 1)
+    need(op, "weight", w.min() >= -lim and w.max() < lim, f"holds values outside {w_bits} bits")
+    cout = shape[-1]
+    b = self.tensor(op, "bias", raw, need, np.int32, shape=(cout,))
+    qmin, qmax = self.grid_range(op, "input_range", a_bits, need)
+    self.integer(op, "input_zero_point", need, qmin, qmax)
+    self.scale(op, "input_scale", need)
+    self.scales(op, "weight_scale", need, sizes=sorted({1, cout}))
     if self.conv:
-      need(op, "padding", op.get("padding") in ("SAME", "VALID"), "must be 'SAME' or 'VALID'")
+      self.integers(op, "stride", need, 2, 1, 2 ** 16)
+      need(op, "padding", op.get("padding") in ("SAME", "VALID"),
+           f"must be 'SAME' or 'VALID'{self.got(op, 'padding')}")
+      groups = self.integer(op, "groups", need, 1, cout)
+      need(op, "groups", cout % groups == 0,
+           f"must divide the output channels ({cout}){self.got(op, 'groups')}")
     else:
-      need(op, "flatten", isinstance(op.get("flatten", True), bool), "must be true or false")
+      need(op, "flatten", isinstance(op.get("flatten", True), bool),
+           f"must be true or false{self.got(op, 'flatten')}")
     tensors[op["weight"]], tensors[op["bias"]] = w, b
+
+  def value_range(self, op, ranges, need):
+    """The input is a grid tensor whose integers lie in `input_range` (the int8 kernel relies on
+    it)."""
+    r = ranges.get(op["input"])
+    need(op, "input", r is not None, f"names {op['input']!r}, which is no integer grid tensor (an "
+         "accumulator); requantize it first")
+    qmin, qmax = op["input_range"]
+    need(op, "input_range", qmin <= r[0] and r[1] <= qmax,
+         f"[{qmin}, {qmax}] does not contain the range {list(r)} of its input "
+         f"{op['input']!r}")
+    return None
 
   def apply(self, op, a, b):
     raise NotImplementedError

@@ -75,8 +75,10 @@ class MaxPoolIR(IROp):
   name = "max_pool"
 
   def validate(self, op, raw, tensors, need):
-    need(op, "window", isinstance(op.get("window"), int) and op["window"] >= 1,
-         "must be a positive integer")
+    self.integer(op, "window", need, 1, 2 ** 16)
+
+  def value_range(self, op, ranges, need):
+    return ranges.get(op["input"])  # the max of grid integers stays on the grid
 
   def kernel(self, op, env, tensors):
     return max_pool(env[op["input"]], op["window"])
@@ -88,9 +90,9 @@ class SumPoolIR(IROp):
 
   def validate(self, op, raw, tensors, need):
     axes = op.get("axes", [1, 2])
-    need(op, "axes", isinstance(axes, list) and axes and all(isinstance(a, int) and a >= 1
-                                                             for a in axes),
-         "must be a list of positive axes")
+    need(op, "axes", isinstance(axes, list) and axes and len(set(axes)) == len(axes)
+         and all(self.is_int(a) and 1 <= a <= 8 for a in axes),
+         f"must be a list of distinct positive axes (axis 0 is the batch){self.got(op, 'axes')}")
 
   def kernel(self, op, env, tensors):
     return jnp.sum(env[op["input"]], axis=tuple(op.get("axes", (1, 2))), dtype=jnp.int32)
@@ -101,8 +103,7 @@ class ShiftIR(IROp):
   name = "shift"
 
   def validate(self, op, raw, tensors, need):
-    need(op, "right", isinstance(op.get("right"), int) and 0 <= op["right"] <= 31,
-         "must be an integer in [0, 31]")
+    self.integer(op, "right", need, 0, 31)
 
   def kernel(self, op, env, tensors):
     return rounding_divide_by_pot(env[op["input"]], jnp.int32(op["right"]))

@@ -7,7 +7,10 @@ and, for the ops that sit between an accumulator and the next quantizer ("transf
 ReLU6, pooling), how they lower there (`Transform`). An activation (`Activation`) also owns its
 float function `apply`, which layers call. The integer IR ops an entry lowers to (`IROp`,
 registered in `IR_OPS` by their manifest name) define
-  validate(op, raw, tensors, need)   manifest checks of the op's fields (one-line errors)
+  validate(op, raw, tensors, need)   manifest checks of every field of the op (one-line errors
+                                     through `need`; `IROp`'s field checks help)
+  value_range(op, ranges, need)      the integer range of its output (for grids), after checking
+                                     its inputs' ranges against what it declares about them
   kernel(op, env, tensors)           its int32 kernel in the executor (pure jax.numpy)
 An op kind's module registers both (`register`), so adding an op kind is one module plus its
 tests; the exporter, the manifest loader, the executor and the cost model look entries up here.
@@ -15,7 +18,10 @@ tests; the exporter, the manifest loader, the executor and the cost model look e
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
+
+import numpy as np
 
 from mpq.errors import UserError
 
@@ -68,8 +74,26 @@ class Activation(Transform):
     raise NotImplementedError
 
 
+def _got(op, field) -> str:
+  """` (got VALUE)` for an error message: the field's value, shortened, or ` (missing)`."""
+  if field not in op:
+    return " (missing)"
+  text = repr(op[field])
+  return f" (got {text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def _article(word: str) -> str:
+  return f"{'an' if word[0] in 'aeio' else 'a'} {word}"
+
+
 class IROp:
+  """An integer IR op (see the module docstring). `validate(op, raw, tensors, need)` checks every
+  field of a manifest op: `raw` is weights.npz by name, `tensors` receives the arrays the kernel
+  uses (unpacked), and `need(op, field, ok, what)` raises the one-line error
+  "op NAME (KIND): field FIELD WHAT" unless `ok`. The static field checks below go through `need`
+  and return the checked value. `input_field` names the field that lists the op's inputs."""
   name: ClassVar[str]
+  input_field: ClassVar[str] = "input"
 
   def inputs(self, op) -> list[str]:
     return [op.get("input")]
@@ -77,8 +101,109 @@ class IROp:
   def validate(self, op, raw, tensors, need) -> None:
     pass
 
+  def value_range(self, op, ranges, need) -> tuple[int, int] | None:
+    """Checks what the op declares about its inputs' integer grids against `ranges` (tensor name
+    -> (lo, hi), the range each earlier grid tensor can take) and returns its output's range, or
+    None where the output is no grid (an accumulator) or its range is unknown."""
+    return None
+
   def kernel(self, op, env, tensors):
     raise NotImplementedError
+
+  # -- field checks for `validate`
+  got = staticmethod(_got)  # " (got VALUE)" / " (missing)" for a message about `op[field]`
+  article = staticmethod(_article)  # "an int8", "a uint8"
+
+  @staticmethod
+  def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  @staticmethod
+  def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+  @staticmethod
+  def bits_range(bits: int) -> tuple[int, int]:
+    """The integers a grid of `bits` bits can hold, signed or unsigned: [-2^(b-1), 2^b - 1]."""
+    return -(2 ** (bits - 1)), 2 ** bits - 1
+
+  @staticmethod
+  def integer(op, field, need, lo=None, hi=None) -> int:
+    v = op.get(field)
+    bounds = (f" from {lo} to {hi}" if lo is not None and hi is not None else
+              f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else "")
+    need(op, field, IROp.is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi),
+         f"must be an integer{bounds}{_got(op, field)}")
+    return v
+
+  @staticmethod
+  def integers(op, field, need, n: int, lo=None, hi=None) -> list[int]:
+    """A list of `n` integers in [lo, hi]."""
+    v = op.get(field)
+    ok = isinstance(v, list) and len(v) == n and all(
+        IROp.is_int(x) and (lo is None or x >= lo) and (hi is None or x <= hi) for x in v)
+    bounds = f" from {lo} to {hi}" if lo is not None and hi is not None else ""
+    need(op, field, ok, f"must be a list of {n} integers{bounds}{_got(op, field)}")
+    return v
+
+  @staticmethod
+  def bits(op, field, need) -> int:
+    return IROp.integer(op, field, need, 2, 16)
+
+  @staticmethod
+  def positive(v) -> bool:
+    return IROp.is_number(v) and math.isfinite(v) and v > 0
+
+  @staticmethod
+  def scale(op, field, need) -> float:
+    need(op, field, IROp.positive(op.get(field)), f"must be a finite number > 0{_got(op, field)}")
+    return op[field]
+
+  @staticmethod
+  def scales(op, field, need, sizes=None) -> list:
+    """A non-empty list of finite numbers > 0, of one of the lengths `sizes` if given."""
+    v = op.get(field)
+    bad = (next((x for x in v if not IROp.positive(x)), None) if isinstance(v, list) else None)
+    need(op, field, isinstance(v, list) and v and all(IROp.positive(x) for x in v),
+         "must be a non-empty list of finite numbers > 0"
+         + (f" (holds {bad!r})" if bad is not None else _got(op, field)))
+    if sizes:
+      need(op, field, len(v) in sizes, f"must have {' or '.join(str(n) for n in sizes)} entries, "
+           f"not {len(v)}")
+    return v
+
+  @staticmethod
+  def grid_range(op, field, bits: int, need, strict: bool = True) -> tuple[int, int]:
+    """A `[lo, hi]` field of integers on a grid of `bits` bits (within `bits_range`, at most
+    2^bits values); `strict`: lo < hi, else lo <= hi."""
+    v = op.get(field)
+    lo_b, hi_b = IROp.bits_range(bits)
+    ok = (isinstance(v, list) and len(v) == 2 and all(IROp.is_int(x) for x in v)
+          and (v[0] < v[1] if strict else v[0] <= v[1]) and v[0] >= lo_b and v[1] <= hi_b
+          and v[1] - v[0] <= 2 ** bits - 1)
+    need(op, field, ok, f"must be [lo, hi] integers with lo {'<' if strict else '<='} hi on a "
+         f"{bits}-bit grid (within [{lo_b}, {hi_b}], at most {2 ** bits} values){_got(op, field)}")
+    return v[0], v[1]
+
+  @staticmethod
+  def tensor(op, field, raw, need, dtype=None, shape=None, ndim=None, what=None) -> np.ndarray:
+    """The array of weights.npz that field `field` names, of `dtype`, `shape` and `ndim` where
+    given (`what` describes the expectation in the error)."""
+    name = op.get(field)
+    need(op, field, isinstance(name, str) and name in raw,
+         f"names no tensor in weights.npz{_got(op, field)}")
+    a = raw[name]
+    ok = ((dtype is None or a.dtype == np.dtype(dtype))
+          and (shape is None or a.shape == tuple(shape)) and (ndim is None or a.ndim == ndim))
+    if what is None:
+      what = " ".join(filter(None, (
+          _article(np.dtype(dtype).name) if dtype is not None else "a", "tensor",
+          f"of shape {tuple(shape)}" if shape is not None else
+          f"of {ndim} dimension{'s' if ndim != 1 else ''}" if ndim is not None else "")))
+    held = a.dtype.name if a.dtype.isnative else a.dtype.str
+    need(op, field, ok, f"must name {what}; weights.npz holds {name!r} as {held} of shape "
+         f"{a.shape}")
+    return a
 
 
 def register(*entries) -> None:

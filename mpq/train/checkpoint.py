@@ -81,6 +81,12 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta))
     self.latest.save(step, args=args, force=True)
     if best:
+      # After a resume that fell back past an unreadable step, `best/` may hold a step at or after
+      # this one from before the fallback: it is superseded (the run is at this step now).
+      for s in self.best.all_steps():
+        if s >= step:
+          self.best.wait_until_finished()
+          self.best.delete(s)
       self.best.save(step, args=args, force=True)
 
   def latest_step(self) -> int | None:
@@ -122,10 +128,36 @@ def _pick(directory: str, step: int | None) -> tuple[int, str]:
   return step, f"checkpoint {os.path.join(directory, str(step))}"
 
 
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint's files are unreadable (as opposed to readable but not fitting the model)."""
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
+
+
 def _corrupt(where: str, e: Exception) -> CheckpointError:
-  msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-  return CheckpointError(f"{where} is unreadable or corrupt ({type(e).__name__}: {msg[:200]}); "
-                         "delete that step directory to fall back to an earlier one")
+  msg = str(e).splitlines()[0].split(" See full TensorStore details")[0] if str(e) else ""
+  reason = f"{type(e).__name__}: {msg[:200]}"
+  return CorruptCheckpointError(f"{where} is unreadable or corrupt ({reason}); delete that step "
+                                "directory to fall back to an earlier one", reason)
+
+
+def restore_intact(directory: str, like) -> tuple[Any, dict, list[tuple[int, str]]]:
+  """Restores the newest readable checkpoint of `directory`: (state, meta, [(skipped step,
+  reason)] for the newer ones that are unreadable). Raises the newest step's error when none is
+  readable; an error other than corruption (a version or model mismatch) is raised at once."""
+  skipped, first = [], None
+  for step in sorted(steps(directory), reverse=True):
+    try:
+      state, meta = restore(directory, step, like)
+      return state, meta, skipped
+    except CorruptCheckpointError as e:
+      first = first or e
+      skipped.append((step, e.reason))
+  if first is not None:
+    raise first
+  return restore(directory, None, like) + ([],)  # no steps: raises "no checkpoint in ..."
 
 
 def restore(directory: str, step: int | None, like) -> tuple[Any, dict]:

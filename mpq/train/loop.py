@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -21,7 +23,7 @@ from mpq import config as config_lib
 from mpq import data as data_lib
 from mpq import models, quant
 from mpq.quant import model as quant_model
-from mpq.errors import NonFiniteLossError, UserError
+from mpq.errors import Interrupted, NonFiniteLossError, UserError
 from mpq.train import checkpoint as ckpt_lib
 from mpq.train import optim, parallel
 from mpq.train.metrics import MetricWriter
@@ -116,6 +118,46 @@ class Hook:
     return state
 
 
+class _Stop:
+  """SIGINT/SIGTERM during `fit` ask the loop to stop: it saves a checkpoint at the step it is at,
+  finishes pending saves and raises `Interrupted`. A second SIGINT stops at once (the last saved
+  checkpoint is kept). In a multi-process run the processes agree on the stop step through the
+  step loop: every `log_every` steps they gather their signal flags (a collective every process
+  reaches at the same step) and all stop and save together at the first such step after any of
+  them saw a signal, so a signal seen by one process cannot deadlock the others' collective save."""
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.signum, self._old = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in self.SIGNALS:
+        self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, handler in self._old.items():
+      signal.signal(s, handler)
+
+  def agreed(self, step: int, every: int) -> int | None:
+    """The signal to stop on at `step`, or None to go on."""
+    if jax.process_count() == 1:
+      return self.signum
+    if step % every:
+      return None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(self.signum or 0))).reshape(-1)
+    return int(seen[seen > 0][0]) if np.any(seen > 0) else None
+
+
 def fit(config, workdir: str, data, mesh, graphdef, state: TrainState, tx, total: int,
         per_epoch: int, *, hook: Hook = Hook(), teacher=None, progress=None):
   """Trains `state` from its step to `total`: checkpoints (latest and best) and metrics in
@@ -144,8 +186,10 @@ def fit(config, workdir: str, data, mesh, graphdef, state: TrainState, tx, total
   ds = data_lib.train_dataset(data, config.batch_size, config.seed, total, config.augment,
                               jax.process_index(), jax.process_count())
   writer = MetricWriter(workdir, total, config.batch_size, start, progress)
-  pending, result = [], None
+  pending, result, interrupted = [], None, None
+  stop = _Stop()
   try:
+    stop.__enter__()
     step = start
     for batch in data_lib.iterate(ds, start):
       state, metrics = train_step(state, parallel.shard_batch(batch, mesh), *teacher_args)
@@ -167,12 +211,24 @@ def fit(config, workdir: str, data, mesh, graphdef, state: TrainState, tx, total
         meta = {"step": step, "config": config.to_dict(), "metrics": result or {},
                 "epoch": step / per_epoch}
         checkpointer.save(step, state, meta, best=is_best)
-    if result is None:  # resumed at the end: evaluate what is there
+      signum = stop.agreed(step, config.log_every)
+      if signum:
+        if not do_ckpt:
+          pending = _flush(pending, writer, workdir, checkpointer)
+          meta = {"step": step, "config": config.to_dict(), "metrics": result or {},
+                  "epoch": step / per_epoch}
+          checkpointer.save(step, state, meta)
+        interrupted = Interrupted(signum, step)
+        break
+    if result is None and interrupted is None:  # resumed at the end: evaluate what is there
       result = evaluate(eval_step, state.params, state.rest, data, config.eval_batch_size, mesh)
   finally:
+    stop.__exit__()
     checkpointer.wait()
     checkpointer.close()
     writer.close()
+  if interrupted is not None:
+    raise interrupted
   return {**result, "step": int(state.step)}, state
 
 

@@ -28,8 +28,11 @@ class MetricWriter:
     if not self.active:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    tb_dir, jsonl = os.path.join(workdir, "tb"), os.path.join(workdir, "metrics.jsonl")
+    # A resumed run repeats the steps after its checkpoint: drop what a killed run logged for them.
+    self._tb = SummaryWriter(tb_dir, purge_step=start_step + 1 if os.path.isdir(tb_dir) else None)
+    _truncate(jsonl, start_step)
+    self._jsonl = open(jsonl, "a", encoding="utf-8")
     if progress is None:
       progress = sys.stderr.isatty()
     if progress:
@@ -73,3 +76,24 @@ class MetricWriter:
       self._bar.close()
     self._tb.close()
     self._jsonl.close()
+
+
+def _truncate(path: str, step: int) -> None:
+  """Keeps the lines of `metrics.jsonl` up to `step` (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short by a kill
+  if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines)):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
