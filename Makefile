@@ -13,7 +13,7 @@ setup: $(STAMP) data
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,deploy]'
 	@touch $(STAMP)
 
 data: $(STAMP)
@@ -35,11 +35,12 @@ test: setup
 # All benchmarks (about 3 hours on 2 CPU cores from nothing; finished runs are reused), then the
 # README tables from their JSON. integer.py uses the accuracy and mixed benchmarks' checkpoints.
 bench: setup
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,deploy,bench]'
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/mixed.py
 	$(PY) benchmarks/integer.py
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/litert_rules.py
 	$(PY) benchmarks/report.py
 
 clean:
