@@ -41,6 +41,7 @@ bench: setup
 	$(PY) benchmarks/integer.py
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/litert_rules.py
+	$(PY) benchmarks/ort_rules.py
 	$(PY) benchmarks/report.py
 
 clean:
