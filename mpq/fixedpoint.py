@@ -127,6 +127,58 @@ def multiply_by_quantized_multiplier(x, multiplier, shift, nonneg: bool = False)
   return rounding_divide_by_pot(high_mul(jnp.left_shift(x, left), multiplier), right)
 
 
+def rounding_divide_by_pot_up(x, exponent):
+  """`x / 2^exponent` rounded half toward +inf, 0 <= e <= 31: `(x >> e) + bit e-1 of x`, the
+  rounding shift of ARM's `vrshlq_s32` (no overflow, unlike `(x + 2^(e-1)) >> e` in int32)."""
+  x = jnp.asarray(x, jnp.int32)
+  e = jnp.asarray(exponent, jnp.int32)
+  half = jnp.right_shift(x, jnp.maximum(e - 1, 0)) & 1
+  return jnp.right_shift(x, e) + jnp.where(e > 0, half, 0)
+
+
+def multiply_by_quantized_multiplier_up(x, multiplier, shift):
+  """The vectorized form of LiteRT's optimized kernels (`MultiplyByQuantizedMultiplier4Rows`:
+  `vqrdmulhq_s32`, then the rounding shift `vrshlq_s32`): SaturatingRoundingDoublingHighMul as in
+  `multiply_by_quantized_multiplier`, then a last shift that rounds ties toward +inf. LiteRT's
+  `litert-ruy` CONV_2D / FULLY_CONNECTED rule (`mpq.export.litert_rules.mbqm_up`)."""
+  x = jnp.asarray(x, jnp.int32)
+  shift = jnp.asarray(shift, jnp.int32)
+  h = saturating_rounding_doubling_high_mul(jnp.left_shift(x, jnp.maximum(shift, 0)), multiplier)
+  return rounding_divide_by_pot_up(h, jnp.maximum(-shift, 0))
+
+
+def multiply_by_quantized_multiplier_single_away(x, multiplier, shift):
+  """One rounding, ties away from zero: `sign(x) floor((|x| M0 + 2^(30-shift)) / 2^(31-shift))`
+  for `M0 >= 0` and `shift` in [-31, 0] (LiteRT's reference FULLY_CONNECTED, `litert-ref`;
+  `mpq.export.litert_rules`). The 64-bit product `|x| M0` is formed from 16-bit halves, so this
+  runs in 32-bit types; a result beyond int32 wraps as the C code's cast does."""
+  x = jnp.asarray(x, jnp.int32)
+  total = 31 - jnp.asarray(shift, jnp.int32)  # 31..62
+  neg = x < 0
+  ua = jnp.where(neg, jnp.uint32(0) - _u32(x), _u32(x))
+  hi, lo = _wide_mul(ua, _u32(jnp.asarray(multiplier, jnp.int32)))
+  # add 2^(total - 1) to hi:lo
+  in_lo = total - 1 < 32
+  add_lo = jnp.where(in_lo, jnp.left_shift(jnp.uint32(1), _u32(jnp.minimum(total - 1, 31))),
+                     jnp.uint32(0))
+  add_hi = jnp.where(in_lo, jnp.uint32(0),
+                     jnp.left_shift(jnp.uint32(1), _u32(jnp.clip(total - 33, 0, 31))))
+  lo2 = lo + add_lo
+  hi2 = hi + add_hi + (lo2 < lo).astype(jnp.uint32)
+  # (hi2:lo2) >> total, total in [31, 62]
+  t_hi = _u32(jnp.clip(total - 32, 0, 31))
+  mag = jnp.where(total >= 32, jnp.right_shift(hi2, t_hi), (hi2 << 1) | (lo2 >> 31))
+  mag = mag.astype(jnp.int32)
+  return jnp.where(neg, -mag, mag)
+
+
+def multiply_by_float32_even(x, scale):
+  """XNNPACK's requantization (`litert-auto` for the ops it takes; ONNX Runtime's QLinear ops):
+  `rint_half_even(f32(x) * scale)` with `scale` the float32 `f32(f32(s_in s_w) / s_out)`."""
+  y = jnp.asarray(x, jnp.int32).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+  return jnp.round(y).astype(jnp.int32)
+
+
 def requant_multiplier(m: float, out_max: float) -> tuple[int, int]:
   """(M0, shift) for `multiply_by_quantized_multiplier` that round `x * m` most faithfully, for
   accumulators with `|x * m| <= out_max`.

@@ -185,7 +185,7 @@ def test_max_pool_before_requantize_gives_the_same_integers():
   """The executor pools accumulators before requantizing when the requantization is monotone:
   compared with the manifest order (requantize, then pool) against the int64 reference, on
   accumulators of both signs with per-channel multipliers, including exact rounding ties."""
-  from mpq.intexec.executor import _pool_first
+  from mpq.intexec.executor import _swapped
   rs = np.random.RandomState(5)
   acc = rs.randint(-2 ** 20, 2 ** 20, (2, 6, 6, 3)).astype(np.int32)
   acc[0, 0, 0, 0], acc[0, 0, 1, 0] = 3 << 9, -(3 << 9)  # ties at shift -10
@@ -198,11 +198,11 @@ def test_max_pool_before_requantize_gives_the_same_integers():
   manifest = {"ops": [{"op": "quantize", "output": "a"}, rq, pool,
                       {"op": "dequantize", "input": "o", "scale": 1.0}]}
   _, core, _ = intexec.build(manifest, t)
-  assert _pool_first(manifest["ops"][1:-1], t) == {0}
+  assert _swapped(manifest["ops"][1:-1], t) == {0}
   ref = np.vectorize(ref_mbqm)(acc, m0, sh) + 3
   ref = np.clip(ref, -128, 127).reshape(2, 3, 2, 3, 2, 3).max(axis=(2, 4))
   np.testing.assert_array_equal(core(jnp.asarray(acc)), ref)
   # not reordered where a left shift could wrap, or where the requantized tensor has other uses
-  assert _pool_first(manifest["ops"][1:-1], {"m": m0, "s": np.asarray([-10, 1, 0], np.int32)}) == set()
+  assert _swapped(manifest["ops"][1:-1], {"m": m0, "s": np.asarray([-10, 1, 0], np.int32)}) == set()
   other = {"op": "max_pool", "name": "p2", "input": "q", "output": "o2", "window": 3}
-  assert _pool_first([rq, pool, other], t) == set()
+  assert _swapped([rq, pool, other], t) == set()

@@ -14,7 +14,12 @@ and each op kind lowers itself (`mpq.ops`) to these integer IR ops:
                accumulator at scale `2 max(s_a, s_b) / 2^L`
   requantize   accumulator -> the next quantizer's grid: MultiplyByQuantizedMultiplier(acc, M0_c,
                shift_c) + z_out, clamped to [lo, hi] (M_c = s_acc,c / s_out per channel); a ReLU
-               before that grid is this clamp (lo = z_out), ReLU6 clamps hi at round(6 / s_out) + z_out
+               before that grid is this clamp (lo = z_out), ReLU6 clamps hi at round(6 / s_out) + z_out.
+               An optional `rule` names another kernel family's arithmetic
+               (`mpq.ops.io.REQUANT_RULES`: `double`, the default above; `double_up`, LiteRT's
+               optimized kernels; `single_away`, LiteRT's reference FULLY_CONNECTED;
+               `float32_even`, XNNPACK and ONNX Runtime, with a float32 `scale` tensor instead of
+               M0 and shift), each tested against its runtime
   clamp        ReLU/ReLU6 applied to an accumulator (before average pooling: ReLU does not commute
                with the sum); `hi` is an int or a per-channel tensor round(6 / s_acc,c)
   shift        rounding right shift (RoundingDivideByPOT) of an accumulator, so that a sum fits int32

@@ -11,30 +11,23 @@ is the integer part alone (every op on int32, products accumulated in int32 thro
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from mpq.ops import registry as op_registry
-from mpq.ops.io import requantize
-from mpq.ops.pool import max_pool
 
 
-def _pool_first(ops, t) -> set[int]:
-  """Indices i of `requantize` ops that may run after the `max_pool` at i + 1: the requantized
-  tensor feeds only that pool, and the requantization is non-decreasing in the accumulator
-  (multipliers >= 0, shifts <= 0, so no left shift can wrap; the high multiply, the rounding
-  shift and the clamp are then all monotone). For a non-decreasing f, `max(f(a)) == f(max(a))`
-  exactly, and pooling first requantizes a quarter of the values (a 2x2 window)."""
+def _swapped(ops, t) -> set[int]:
+  """Indices i of ops that may run after op i + 1: op i is `monotone` (a non-decreasing
+  elementwise function, e.g. a requantization with M0 >= 0 and no left shift), its output feeds
+  only op i + 1, and that op `commutes_with_monotone` (max pooling): `g(f(x)) == f(g(x))`
+  exactly, and running f after a 2x2 max pool touches a quarter of the values."""
   uses: dict[str, int] = {}
   for op in ops:
-    for name in op.get("inputs", [op.get("input")]):
+    for name in op_registry.ir_op(op["op"]).inputs(op):
       uses[name] = uses.get(name, 0) + 1
-  out = set()
-  for i, (op, nxt) in enumerate(zip(ops, ops[1:])):
-    if (op["op"] == "requantize" and nxt["op"] == "max_pool" and nxt["input"] == op["output"]
-        and uses.get(op["output"]) == 1 and np.all(np.asarray(t[op["multiplier"]]) >= 0)
-        and np.all(np.asarray(t[op["shift"]]) <= 0)):
-      out.add(i)
-  return out
+  return {i for i, (op, nxt) in enumerate(zip(ops, ops[1:]))
+          if op_registry.ir_op(nxt["op"]).commutes_with_monotone
+          and op_registry.ir_op(nxt["op"]).inputs(nxt) == [op["output"]]
+          and uses.get(op["output"]) == 1 and op_registry.ir_op(op["op"]).monotone(op, t)}
 
 
 def _integer_op(op, env, t):
@@ -47,16 +40,17 @@ def build(manifest: dict, tensors: dict):
   assert first["op"] == "quantize" and last["op"] == "dequantize", "malformed manifest"
   middle = ops[1:-1]
 
-  swap = _pool_first(middle, tensors)
+  swap = _swapped(middle, tensors)
 
   def core(q_in):
     env = {first["output"]: q_in}
     for i, op in enumerate(middle):
-      if i in swap:  # requantize after the max_pool that follows it (same integers)
+      if i in swap:  # runs after the op that follows it (same integers)
         continue
       if i - 1 in swap:
-        rq = middle[i - 1]
-        env[op["output"]] = requantize(rq, max_pool(env[rq["input"]], op["window"]), tensors)
+        f = middle[i - 1]
+        pooled = _integer_op({**op, "input": f["input"]}, env, tensors)
+        env[op["output"]] = _integer_op({**f, "input": "_swapped"}, {"_swapped": pooled}, tensors)
         continue
       env[op["output"]] = _integer_op(op, env, tensors)
     return env[last["input"]]

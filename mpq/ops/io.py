@@ -4,10 +4,15 @@ accumulator -> float logits). They belong to no op kind: the exporter emits them
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax.numpy as jnp
 import numpy as np
 
-from mpq.fixedpoint import multiply_by_quantized_multiplier
+from mpq.fixedpoint import (multiply_by_float32_even, multiply_by_quantized_multiplier,
+                            multiply_by_quantized_multiplier_single_away,
+                            multiply_by_quantized_multiplier_up)
 from mpq.ops.registry import IROp, register
 from mpq.rounding import half_up
 
@@ -32,33 +37,109 @@ class Quantize(IROp):
     return jnp.clip(x, op["qmin"], op["qmax"]).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class RequantRule:
+  """How a `requantize` op turns an int32 accumulator into `y` (before `+ z_out` and the clamp):
+  the kernel family's arithmetic. `fields` are the op's tensor fields with their dtype (each a
+  1-d tensor, one value or one per output channel, all of one shape); `apply(x, *tensors)`;
+  `check(*tensors)` -> None or (field, what it must be); `monotone(*tensors)`: non-decreasing in
+  `x`."""
+  name: str
+  fields: tuple
+  apply: Callable
+  check: Callable
+  monotone: Callable
+
+
+def _fixed_point_check(shift_lo, shift_hi):
+  def check(m0, sh):
+    if not np.all(m0 >= 0):
+      return "multiplier", "must hold integers >= 0"
+    if not np.all((sh >= shift_lo) & (sh <= shift_hi)):
+      return "shift", f"must hold integers in [{shift_lo}, {shift_hi}]"
+    return None
+  return check
+
+
+def _nonneg_no_left_shift(m0, sh):
+  # M0 >= 0 and no left shift (which could wrap): the high multiply, the rounding shift and the
+  # clamp are then all monotone
+  return bool(np.all(m0 >= 0) and np.all(sh <= 0))
+
+
+_FIXED = (("multiplier", np.int32), ("shift", np.int32))
+REQUANT_RULES = {r.name: r for r in (
+    # TFLite's MultiplyByQuantizedMultiplier (SRDHM, then RoundingDivideByPOT, ties away): mpq's
+    # own rule, LiteRT reference convs (the default when a manifest names no rule)
+    RequantRule("double", _FIXED, lambda x, m0, sh: multiply_by_quantized_multiplier(
+        x, jnp.asarray(m0, jnp.int32), jnp.asarray(sh, jnp.int32), nonneg=bool(np.all(m0 >= 0))),
+                _fixed_point_check(-31, 30), _nonneg_no_left_shift),
+    # LiteRT's optimized (ruy) kernels: SRDHM, then a shift rounding ties toward +inf
+    RequantRule("double_up", _FIXED, lambda x, m0, sh: multiply_by_quantized_multiplier_up(
+        x, jnp.asarray(m0, jnp.int32), jnp.asarray(sh, jnp.int32)),
+                _fixed_point_check(-31, 30), _nonneg_no_left_shift),
+    # LiteRT's reference FULLY_CONNECTED: one rounding of x M0 / 2^(31 - shift), ties away from 0
+    RequantRule("single_away", _FIXED, lambda x, m0, sh: multiply_by_quantized_multiplier_single_away(
+        x, jnp.asarray(m0, jnp.int32), jnp.asarray(sh, jnp.int32)),
+                _fixed_point_check(-31, 0), _nonneg_no_left_shift),
+    # XNNPACK (LiteRT auto) and ONNX Runtime's QLinear ops: rint_half_even(f32(x) * scale), scale
+    # the float32 f32(f32(s_in s_w) / s_out)
+    RequantRule("float32_even", (("scale", np.float32),), multiply_by_float32_even,
+                lambda sc: None if np.all(np.isfinite(sc) & (sc >= 0)) else
+                ("scale", "must hold finite numbers >= 0"),
+                lambda sc: bool(np.all(sc >= 0))),
+)}
+
+
+def requant_rule(op) -> RequantRule:
+  return REQUANT_RULES[op.get("rule", "double")]
+
+
 def requantize(op, x, tensors):
-  """`MultiplyByQuantizedMultiplier(acc, M0_c, shift_c) + z_out`, clamped to `op["clamp"]`."""
-  m0 = np.asarray(tensors[op["multiplier"]])
-  y = multiply_by_quantized_multiplier(x, jnp.asarray(m0, jnp.int32),
-                                       jnp.asarray(tensors[op["shift"]], jnp.int32),
-                                       nonneg=bool(np.all(m0 >= 0)))
+  """The rule's `y(acc)` (`op["rule"]`, default "double": `MultiplyByQuantizedMultiplier(acc,
+  M0_c, shift_c)`) + z_out, clamped to `op["clamp"]`."""
+  rule = requant_rule(op)
+  y = rule.apply(x, *(np.asarray(tensors[op[f]]) for f, _ in rule.fields))
   lo, hi = op["clamp"]
   return jnp.clip(y + jnp.int32(op["zero_point"]), jnp.int32(lo), jnp.int32(hi))
 
 
 class Requantize(IROp):
+  """An int32 accumulator onto the next quantizer's grid, by the kernel family's rule
+  (`REQUANT_RULES`, named by the optional field `rule`)."""
   name = "requantize"
 
+  def monotone(self, op, tensors) -> bool:
+    rule = requant_rule(op)
+    return rule.monotone(*(np.asarray(tensors[op[f]]) for f, _ in rule.fields))
+
   def validate(self, op, raw, tensors, need):
-    """M0 and shift: int32 tensors of one shape (per output channel, or one), M0 >= 0, shift in
-    [-31, 30]; the output grid: `bits` 2-16, `zero_point` and `clamp` on it."""
-    m0 = self.tensor(op, "multiplier", raw, need, np.int32, ndim=1,
-                     what="a non-empty 1-d int32 tensor (M0 per output channel)")
-    need(op, "multiplier", m0.size >= 1 and np.all(m0 >= 0),
-         "must hold integers >= 0 (a non-empty int32 tensor)")
-    sh = self.tensor(op, "shift", raw, need, np.int32, shape=m0.shape,
-                     what=f"an int32 tensor of the multiplier's shape {m0.shape}")
-    need(op, "shift", np.all((sh >= -31) & (sh <= 30)), "must hold integers in [-31, 30]")
+    """`rule` (optional) one of `REQUANT_RULES`; its tensors: 1-d, non-empty, of one shape (per
+    output channel, or one) and dtype, within the rule's ranges; the output grid: `bits` 2-16,
+    `zero_point` and `clamp` on it."""
+    need(op, "rule", op.get("rule", "double") in REQUANT_RULES,
+         f"must be one of {', '.join(REQUANT_RULES)}{self.got(op, 'rule')}")
+    rule = requant_rule(op)
+    arrays, shape = [], None
+    for field, dtype in rule.fields:
+      first = rule.fields[0][0]
+      a = self.tensor(op, field, raw, need, dtype, ndim=1, shape=shape,
+                      what=(f"a non-empty 1-d {np.dtype(dtype).name} tensor (one value or one per "
+                            "output channel)" if shape is None else
+                            f"{self.article(np.dtype(dtype).name)} tensor of the {first}'s shape "
+                            f"{shape}"))
+      need(op, field, a.size >= 1, "must name a non-empty tensor")
+      shape = a.shape
+      arrays.append(a)
+    problem = rule.check(*arrays)
+    if problem is not None:
+      field, what = problem
+      need(op, field, False, f"{what} (rule {rule.name!r})")
     bits = self.bits(op, "bits", need)
     self.grid_range(op, "clamp", bits, need, strict=False)
     self.integer(op, "zero_point", need, *self.bits_range(bits))
-    tensors[op["multiplier"]], tensors[op["shift"]] = m0, sh
+    for (field, _), a in zip(rule.fields, arrays):
+      tensors[op[field]] = a
 
   def value_range(self, op, ranges, need):
     return tuple(op["clamp"])

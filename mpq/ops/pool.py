@@ -73,6 +73,7 @@ class AvgPool(Transform):
 
 class MaxPoolIR(IROp):
   name = "max_pool"
+  commutes_with_monotone = True  # max(f(a), f(b)) == f(max(a, b)) for a non-decreasing f
 
   def validate(self, op, raw, tensors, need):
     self.integer(op, "window", need, 1, 2 ** 16)

@@ -94,6 +94,13 @@ class IROp:
   and return the checked value. `input_field` names the field that lists the op's inputs."""
   name: ClassVar[str]
   input_field: ClassVar[str] = "input"
+  # For every non-decreasing elementwise f: op(f(x)) == f(op(x)) (max pooling); the executor then
+  # runs such an op before a `monotone` one that feeds only it, on fewer values.
+  commutes_with_monotone: ClassVar[bool] = False
+
+  def monotone(self, op, tensors) -> bool:
+    """Whether this op (with these tensors) is a non-decreasing elementwise function of its input."""
+    return False
 
   def inputs(self, op) -> list[str]:
     return [op.get("input")]

@@ -25,9 +25,9 @@ from mpq import models, quant
 from mpq.quant import model as quant_model
 from mpq.errors import Interrupted, NonFiniteLossError, UserError
 from mpq.train import checkpoint as ckpt_lib
-from mpq.train import optim, parallel
+from mpq.train import parallel
 from mpq.train.metrics import MetricWriter
-from mpq.train.state import (TrainState, dampening_weight, init_state, make_eval_step,
+from mpq.train.state import (TrainState, dampening_weight, make_eval_step,
                              make_train_step, split_model)
 
 _compiles = [0]
@@ -331,4 +331,7 @@ def _checkpoint_config(workdir: str, step: int | None, which: str, overrides: di
 
 
 def _eval_state(config, model):
-  return init_state(model, optim.build(config, 1))
+  """(graphdef, a TrainState without optimizer state): evaluation needs the model variables only."""
+  del config
+  graphdef, params, rest = split_model(model)
+  return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, ())

@@ -1,0 +1,192 @@
+"""The executor's requantization rules (`mpq.ops.io.REQUANT_RULES`): each kernel family's arithmetic
+in int32 (and float32 where the family computes in float32), checked against LiteRT and ONNX
+Runtime themselves on FULLY_CONNECTED / QLinearMatMul, and against the int64 NumPy transcriptions
+that `tests/test_litert_rules.py` verifies against LiteRT, on random and exact-tie accumulators."""
+
+import numpy as np
+import pytest
+
+# The runtimes are part of `make setup` (the deploy extra): without them these tests fail.
+import ai_edge_litert  # noqa: F401
+import onnxruntime  # noqa: F401
+
+import jax.numpy as jnp
+
+from mpq import intexec
+from mpq.errors import UserError
+from mpq.export import litert_rules as R
+from mpq.export import onnx_builder as ob
+from mpq.export import tflite_builder as tb
+from mpq.fixedpoint import quantize_multiplier
+from mpq.ops import io
+
+F32 = np.float32
+
+
+def _accumulators(rng, n, m0, shift):
+  """int32 accumulators: random, and for M0 = 2^30 (M = 2^(shift-1)) exact ties x M = k + 1/2."""
+  x = rng.integers(-2 ** 22, 2 ** 22, n).astype(np.int64)
+  if m0 == 1 << 30 and shift <= 0:
+    k = 2 ** min(12, 28 + shift)  # |x| < 2^30
+    x[: n // 4] = (2 * rng.integers(-k, k, n // 4) + 1) << -shift
+  return x
+
+
+def _run_rule(rule, acc, tensors_by_field, z_out=0, clamp=(-2 ** 31, 2 ** 31 - 1)):
+  """The executor's requantize op with `rule` on `acc` (shape [B, C])."""
+  op = {"op": "requantize", "name": "rq", "input": "a", "output": "q", "rule": rule,
+        "zero_point": z_out, "clamp": list(clamp), "bits": 16}
+  tensors = {}
+  for field, dtype in io.REQUANT_RULES[rule].fields:
+    tensors[f"rq/{field}"] = np.asarray(tensors_by_field[field], dtype)
+    op[field] = f"rq/{field}"
+  return np.asarray(io.requantize(op, jnp.asarray(acc, jnp.int32), tensors), np.int64)
+
+
+@pytest.mark.parametrize("rule,numpy_rule", [
+    ("double", R.mbqm), ("double_up", R.mbqm_up), ("single_away", R.mbqm_single_away)])
+def test_fixed_point_rules_equal_their_int64_transcriptions(rule, numpy_rule):
+  rng = np.random.default_rng(0)
+  shifts = [0, -1, -5, -10, -17, -25] + ([2] if rule != "single_away" else [])
+  for shift in shifts:
+    for m0 in (1 << 30, (1 << 30) + (1 << 20), int(rng.integers(1 << 30, 1 << 31)), 1518500250):
+      x = _accumulators(rng, 4000, m0, shift)
+      if shift > 0:
+        x >>= shift + 1  # no wrap on the left shift
+      got = _run_rule(rule, x[:, None], {"multiplier": [m0], "shift": [shift]})[:, 0]
+      np.testing.assert_array_equal(got, numpy_rule(x, m0, shift), err_msg=f"{m0} {shift}")
+
+
+def test_float32_rule_equals_rounding_in_float32():
+  rng = np.random.default_rng(1)
+  x = rng.integers(-2 ** 24, 2 ** 24, (3000, 3)).astype(np.int64)
+  x[:1000] = rng.integers(-500, 500, (1000, 3)) * 2 + 1  # odd: halves under scale 0.5
+  scale = np.asarray([0.5, 2.0 ** -7, 0.013671875], F32)
+  got = _run_rule("float32_even", x, {"scale": scale})
+  np.testing.assert_array_equal(got, R.rint_f32(x.astype(F32) * scale))
+
+
+def _fc_case(rng, ties: bool):
+  """int8 activations, per-channel int8 weights, int32 bias; scales random or powers of two."""
+  k, c, b = 24, 6, 500
+  q = rng.integers(-128, 128, (b, k)).astype(np.int64)
+  w = rng.integers(-127, 128, (c, k)).astype(np.int64)
+  bias = rng.integers(-2000, 2000, c).astype(np.int64)
+  if ties:
+    s_in, s_out = 2.0 ** -4, 2.0 ** -2
+    s_w = 2.0 ** -rng.integers(5, 9, c).astype(np.float64)
+  else:
+    s_in, s_out = rng.uniform(0.01, 0.1), rng.uniform(0.05, 0.5)
+    s_w = rng.uniform(0.001, 0.02, c)
+  return q, w, bias, float(s_in), s_w, float(s_out), 3  # input zero point 3
+
+
+def _manifest(q_shape, w, bias, z_in, rule, fields, z_out):
+  """quantize -> dense -> requantize(rule) -> dequantize, as the executor runs it."""
+  tensors = {"fc/weight": np.asarray(w.T, np.int32), "fc/bias": np.asarray(bias, np.int32)}
+  rq = {"op": "requantize", "name": "fc->out", "input": "acc", "output": "y", "rule": rule,
+        "zero_point": z_out, "clamp": [-128, 127], "bits": 8}
+  for field, dtype in io.REQUANT_RULES[rule].fields:
+    tensors[f"rq/{field}"] = np.asarray(fields[field], dtype)
+    rq[field] = f"rq/{field}"
+  ops = [{"op": "quantize", "name": "in", "input": "input", "output": "x", "scale": 1.0,
+          "zero_point": 0, "qmin": -128, "qmax": 127, "bits": 8},
+         {"op": "dense", "name": "fc", "input": "x", "output": "acc", "weight": "fc/weight",
+          "bias": "fc/bias", "weight_shape": [q_shape[1], w.shape[0]], "w_bits": 8, "a_bits": 8,
+          "input_zero_point": z_in, "input_range": [-128, 127]},
+         rq, {"op": "dequantize", "name": "out", "input": "y", "output": "logits", "scale": [1.0]}]
+  return {"ops": ops}, tensors
+
+
+def _fields(rule, s_in, s_w, s_out):
+  """The requantize op's tensors for `rule`, derived from the float32 scales as the runtimes do."""
+  if rule == "float32_even":
+    return {"scale": (F32(F32(s_in) * s_w.astype(F32)) / F32(s_out)).astype(F32)}
+  pairs = [quantize_multiplier(float(F32(s_in)) * float(F32(sw)) / float(F32(s_out))) for sw in s_w]
+  return {"multiplier": [p[0] for p in pairs], "shift": [p[1] for p in pairs]}
+
+
+def _tflite_fc(q, w, bias, s_in, s_w, s_out, z_in, z_out):
+  b = tb.TFLiteBuilder()
+  x = b.add_tensor("x", list(q.shape), "int8", scale=s_in, zero_point=z_in)
+  wt = b.add_tensor("w", list(w.shape), "int8", data=w, scale=s_w, zero_point=0)
+  bt = b.add_tensor("b", [w.shape[0]], "int32", data=bias, scale=F32(s_in) * s_w.astype(F32),
+                    zero_point=0)
+  y = b.add_tensor("y", [q.shape[0], w.shape[0]], "int8", scale=s_out, zero_point=z_out)
+  b.add_operator("FULLY_CONNECTED", [x, wt, bt], [y], b.options("FullyConnectedOptions"))
+  b.set_io([x], [y])
+  return b.finish()
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("family,rule", [("litert-ref", "single_away"), ("litert-ruy", "double_up"),
+                                         ("litert-auto", "float32_even")])
+def test_executor_dense_equals_litert_fully_connected(family, rule, ties):
+  rng = np.random.default_rng(7 + ties)
+  q, w, bias, s_in, s_w, s_out, z_in = _fc_case(rng, ties)
+  z_out = -5
+  model = _tflite_fc(q, w, bias, s_in, s_w, s_out, z_in, z_out)
+  if family == "litert-auto":
+    assert tb.delegated_ops(model) == (["FULLY_CONNECTED"], [])  # XNNPACK's rule applies
+  (want,) = tb.run(model, [q.astype(np.int8)], family)
+  manifest, tensors = _manifest(q.shape, w, bias, z_in, rule, _fields(rule, s_in, s_w, s_out),
+                                z_out)
+  _, core, _ = intexec.build(manifest, tensors)
+  got = np.asarray(core(jnp.asarray(q, jnp.int32)))
+  np.testing.assert_array_equal(got, want.astype(np.int64))
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_executor_dense_equals_onnx_runtime_qlinearmatmul(ties):
+  rng = np.random.default_rng(11 + ties)
+  q, w, _, s_in, s_w, s_out, z_in = _fc_case(rng, ties)
+  s_w = np.full_like(s_w, s_w[0])  # QLinearMatMul: one weight scale per tensor here
+  z_out = 128
+  b = ob.OnnxBuilder()
+  x = b.input("x", list(q.shape), "uint8")
+  args = [x, b.const("sx", np.float32(s_in)), b.const("zx", np.uint8(z_in + 128), "uint8"),
+          b.const("w", w.T.astype(np.int8), "int8"), b.const("sw", np.float32(s_w[0])),
+          b.const("zw", np.int8(0), "int8"), b.const("sy", np.float32(s_out)),
+          b.const("zy", np.uint8(z_out), "uint8")]
+  (y,) = b.node("QLinearMatMul", args, ["y"])
+  b.output(y, "uint8", [q.shape[0], w.shape[0]])
+  (want,) = ob.run(b.finish(), [(q + 128).astype(np.uint8)])
+  fields = _fields("float32_even", s_in, s_w, s_out)
+  manifest, tensors = _manifest(q.shape, w, np.zeros(w.shape[0], np.int64), z_in, "float32_even",
+                                fields, z_out - 128)
+  _, core, _ = intexec.build(manifest, tensors)
+  got = np.asarray(core(jnp.asarray(q, jnp.int32))) + 128
+  np.testing.assert_array_equal(got, want.astype(np.int64))
+
+
+def test_rules_differ_where_the_runtimes_do():
+  """Exact ties separate the rules (so the tests above could fail): x M = k + 1/2."""
+  m0, shift = 1 << 30, -3  # M = 2^-4: x = 8 (mod 16) is a tie
+  x = np.asarray([[8], [-8], [24], [-24]], np.int64)
+  out = {r: _run_rule(r, x, {"multiplier": [m0], "shift": [shift]})[:, 0].tolist()
+         for r in ("double", "double_up", "single_away")}
+  out["float32_even"] = _run_rule("float32_even", x, {"scale": [2.0 ** -4]})[:, 0].tolist()
+  assert out == {"double": [1, -1, 2, -2], "double_up": [1, 0, 2, -1],
+                 "single_away": [1, -1, 2, -2], "float32_even": [0, 0, 2, -2]}
+
+
+def _need(op, field, ok, what):
+  if not ok:
+    raise UserError(f"op {op['name']!r}: field {field!r} {what}")
+
+
+def test_manifest_rule_is_validated():
+  op = {"op": "requantize", "name": "rq", "input": "a", "output": "q", "rule": "nearest",
+        "multiplier": "m", "shift": "s", "zero_point": 0, "clamp": [-128, 127], "bits": 8}
+  raw = {"m": np.asarray([1 << 30], np.int32), "s": np.asarray([-3], np.int32)}
+  with pytest.raises(UserError, match="field 'rule' must be one of double, double_up"):
+    io.Requantize().validate(op, raw, {}, _need)
+  io.Requantize().validate({**op, "rule": "single_away"}, raw, {}, _need)  # valid
+  fl = {**op, "rule": "float32_even", "scale": "sc"}
+  with pytest.raises(UserError, match="field 'scale' must hold finite numbers >= 0"):
+    io.Requantize().validate(fl, {"sc": np.asarray([-1.0], np.float32)}, {}, _need)
+  with pytest.raises(UserError, match="float32 tensor"):
+    io.Requantize().validate(fl, {"sc": np.asarray([1], np.int32)}, {}, _need)
+  with pytest.raises(UserError, match="field 'shift' must hold integers in \\[-31, 0\\] \\(rule 'single_away'\\)"):
+    io.Requantize().validate({**op, "rule": "single_away"},
+                             {"m": raw["m"], "s": np.asarray([2], np.int32)}, {}, _need)
