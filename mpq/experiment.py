@@ -128,6 +128,9 @@ def _start(workdir: str, config, step: int, changes: dict, forced: bool, bits: d
     return
   for s, _ in skipped:
     dest = os.path.join(workdir, CORRUPT, f"{ckpt_lib.LATEST}-{s}")
+    n = 1
+    while os.path.exists(dest):  # the same step skipped before
+      dest, n = os.path.join(workdir, CORRUPT, f"{ckpt_lib.LATEST}-{s}.{n}"), n + 1
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     os.replace(os.path.join(workdir, ckpt_lib.LATEST, str(s)), dest)
   workdir_lib.record_start(workdir, config.to_json(indent=2, sort_keys=True), step, changes, forced)
