@@ -15,6 +15,18 @@ def run_cli(*args, env=None, timeout=300):
                         timeout=timeout)
 
 
+def snapshot(d):
+  """Every file under `d` with its size, mtime and bytes (to show that a command wrote nothing)."""
+  out = {}
+  for root, _, files in os.walk(d):
+    for f in files:
+      p = os.path.join(root, f)
+      st = os.stat(p)
+      with open(p, "rb") as fh:
+        out[p] = (st.st_size, st.st_mtime_ns, fh.read())
+  return out
+
+
 @pytest.fixture
 def tiny_config():
   from configs import tiny

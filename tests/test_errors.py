@@ -2,21 +2,11 @@ import os
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, snapshot as _snapshot
 from mpq import config as config_lib
 from mpq.errors import UserError
 
 TINY = ["train.py", "--config=configs/tiny.py"]
-
-
-def _snapshot(d):
-  out = {}
-  for root, _, files in os.walk(d):
-    for f in files:
-      p = os.path.join(root, f)
-      st = os.stat(p)
-      out[p] = (st.st_size, st.st_mtime_ns)
-  return out
 
 
 def _assert_one_line_error(r, pattern):

@@ -12,24 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, snapshot as _snapshot
 from mpq import workdir as workdir_lib
 from mpq.errors import UserError
 
 TINY = ["train.py", "--config=configs/tiny.py"]
 QAT = ["--config.quant.enabled=True", "--config.quant.w_bits=4", "--config.quant.a_bits=4"]
-
-
-def _snapshot(d):
-  """Every file under `d` with its size, mtime and bytes."""
-  out = {}
-  for root, _, files in os.walk(d):
-    for f in files:
-      p = os.path.join(root, f)
-      st = os.stat(p)
-      with open(p, "rb") as fh:
-        out[p] = (st.st_size, st.st_mtime_ns, fh.read())
-  return out
 
 
 def _one_line_error(r, pattern, code=2):
