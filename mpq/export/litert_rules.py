@@ -259,20 +259,22 @@ def fc_reference(acc, s_in, s_w, s_out, z_out, act_range=I8):
   `double(f32 s_in) * double(f32 s_w) / double(f32 s_out)`, one rounding, ties away from zero
   (`mbqm_single_away`). shared/DEPLOY.md's `(acc M0 + 2^(30-e)) >> (31-e)` (ties up) is wrong on
   negative exact ties (measured: 0.4% of outputs with power-of-two scales)."""
-  out = np.empty(acc.shape, np.int64)
-  for c in range(acc.shape[-1]):
-    m0, e = quantize_multiplier(float(f32(s_in)) * float(f32(s_w[c])) / float(f32(s_out)))
-    out[..., c] = mbqm_single_away(acc[..., c], m0, e)
-  return np.clip(out + z_out, *act_range)
+  return _fc_per_channel(mbqm_single_away, acc, s_in, s_w, s_out, z_out, act_range)
 
 
 def fc_ruy(acc, s_in, s_w, s_out, z_out, act_range=I8):
   """FULLY_CONNECTED, optimized kernels (`litert-ruy`, and `litert-auto` where XNNPACK does not
   take the op): `mbqm_up` per channel (shared/DEPLOY.md)."""
+  return _fc_per_channel(mbqm_up, acc, s_in, s_w, s_out, z_out, act_range)
+
+
+def _fc_per_channel(rule, acc, s_in, s_w, s_out, z_out, act_range):
+  """`rule(acc_c, M0_c, e_c) + z_out`, clamped, per output channel, with `M0_c, e_c` from
+  `double(f32 s_in) * double(f32 s_w[c]) / double(f32 s_out)` (FULLY_CONNECTED's Prepare)."""
   out = np.empty(acc.shape, np.int64)
   for c in range(acc.shape[-1]):
     m0, e = quantize_multiplier(float(f32(s_in)) * float(f32(s_w[c])) / float(f32(s_out)))
-    out[..., c] = mbqm_up(acc[..., c], m0, e)
+    out[..., c] = rule(acc[..., c], m0, e)
   return np.clip(out + z_out, *act_range)
 
 

@@ -33,9 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mpq.errors import UserError
+from mpq.export.runtimes import require
 
-_INSTALL_HINT = "install the deploy extra: pip install -e '.[deploy]'"
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -69,20 +68,12 @@ MS_OPS = frozenset({"QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLi
 
 def onnx_module():
   """The `onnx` package, imported on first use."""
-  try:
-    import onnx  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise UserError(f"writing ONNX models needs onnx; {_INSTALL_HINT}") from e
-  return onnx
+  return require("onnx", what="writing ONNX models needs onnx")
 
 
 def ort_module():
   """The `onnxruntime` package, imported on first use."""
-  try:
-    import onnxruntime  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise UserError(f"running ONNX models needs onnxruntime; {_INSTALL_HINT}") from e
-  return onnxruntime
+  return require("onnxruntime", what="running ONNX models needs onnxruntime")
 
 
 def ort_version() -> str:

@@ -33,9 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpq.errors import UserError
+from mpq.export.runtimes import INSTALL_HINT, require
 from mpq.packing import pack
 
-_INSTALL_HINT = "install the deploy extra: pip install -e '.[deploy]'"
 
 # dtype name -> (schema TensorType name, NumPy storage dtype, bits or None for whole bytes)
 DTYPES = {
@@ -60,20 +60,12 @@ FAMILIES = {
 
 def schema():
   """The .tflite schema module (`ai_edge_litert.schema_py_generated`), imported on first use."""
-  try:
-    from ai_edge_litert import schema_py_generated  # pylint: disable=g-import-not-at-top
-    import flatbuffers  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    raise UserError(f"the .tflite writer needs ai-edge-litert and flatbuffers; {_INSTALL_HINT}") from e
-  return schema_py_generated
+  return require("ai_edge_litert.schema_py_generated", "flatbuffers",
+                 what="the .tflite writer needs ai-edge-litert and flatbuffers")
 
 
 def _interpreter_module():
-  try:
-    from ai_edge_litert import interpreter  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise UserError(f"running .tflite models needs ai-edge-litert; {_INSTALL_HINT}") from e
-  return interpreter
+  return require("ai_edge_litert.interpreter", what="running .tflite models needs ai-edge-litert")
 
 
 def litert_version() -> str:
@@ -82,7 +74,7 @@ def litert_version() -> str:
   try:
     return metadata.version("ai-edge-litert")
   except metadata.PackageNotFoundError as e:
-    raise UserError(f"ai-edge-litert is not installed; {_INSTALL_HINT}") from e
+    raise UserError(f"ai-edge-litert is not installed; {INSTALL_HINT}") from e
 
 
 def encode_tensor_data(data, dtype: str) -> np.ndarray:
