@@ -3,12 +3,18 @@
   python eval.py --workdir=DIR [--step=N | --which=best] [--json=PATH] [--mode=float|fake_quant]
   python eval.py --workdir=FLOAT_DIR --ptq [--w_bits=8 --a_bits=8 --calib_act=percentile]
   python eval.py --workdir=QAT_DIR --mode=int [--export=OUT] [--compare]   (or FLOAT_DIR --ptq)
-  python eval.py --model=OUT --mode=int                        (an exported model alone)
+  python eval.py --workdir=QAT_DIR --export=OUT --target=tflite  (OUT/model.tflite + mpq manifest)
+  python eval.py --model=OUT --mode=int [--emulate=litert-ruy]  (an exported model alone, in mpq's
+                                                               executor, emulating a kernel family)
+  python eval.py --model=OUT --runtime=litert-ref               (the file in the real runtime,
+                                                               compared with mpq's emulation)
+  [--num_examples=N] [--save_outputs=F.npz] with --mode=int or --runtime
 """
 
 import json
 import os
 
+import numpy as np
 from absl import app, flags
 
 from mpq import cli
@@ -33,6 +39,19 @@ flags.DEFINE_integer("w_bits", 8, "--ptq: weight bits.")
 flags.DEFINE_integer("a_bits", 8, "--ptq: activation bits.")
 flags.DEFINE_string("calib_act", "percentile", "--ptq: max, percentile, mse or entropy.")
 flags.DEFINE_string("calib_weight", "mse", "--ptq: max or mse (per channel).")
+flags.DEFINE_string("target", "mpq", "--export: the export target, mpq (manifest.json + "
+                    "weights.npz) or tflite (model.tflite and the mpq manifest of the same model).")
+flags.DEFINE_string("emulate", None, "--mode=int: the kernel family mpq's executor emulates (mpq; "
+                    "litert-ref, litert-ruy, litert-auto for tflite exports); default: the "
+                    "exported manifest's (mpq, or litert-ref).")
+flags.DEFINE_string("runtime", None, "Run the exported file in a real runtime (litert-ref, "
+                    "litert-ruy, litert-auto; needs the deploy extra) and compare it with mpq's "
+                    "emulation of that path.")
+flags.DEFINE_integer("num_examples", None, "Evaluate the first N test images only.")
+flags.DEFINE_string("save_outputs", None, "--mode=int / --runtime: write images (what the file "
+                    "takes), outputs (what it produces) and labels to this .npz, in test order.")
+flags.DEFINE_integer("calib_examples", 1000, "--export to a target with int8 logits: training "
+                     "images that calibrate the output grid.")
 
 
 def table(rows):
@@ -48,7 +67,7 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
   _check_outputs(FLAGS)
-  if FLAGS.model or FLAGS.export or FLAGS.mode == "int" or FLAGS.compare:
+  if FLAGS.model or FLAGS.export or FLAGS.mode == "int" or FLAGS.compare or FLAGS.runtime:
     return _integer(FLAGS)
   if not FLAGS.workdir:
     raise UserError("--workdir is required: the directory of a training run")
@@ -75,7 +94,21 @@ def main(argv):
 def _check_outputs(F):
   """Every output path's kind and writability, before any work."""
   from mpq import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  for flag in ("json", "export_bits"):
+  if F.num_examples is not None and F.num_examples < 1:
+    raise UserError(f"--num_examples={F.num_examples} must be at least 1")
+  from mpq.export import targets  # pylint: disable=g-import-not-at-top
+  targets.get(F.target)  # a one-line error for an unknown target
+  for flag, kind in (("emulate", "emulations"), ("runtime", "runtimes")):
+    name = getattr(F, flag)
+    known = sorted({n for t in targets.TARGETS.values() for n in getattr(t, kind)})
+    if name is not None and name not in known:
+      raise UserError(f"--{flag}={name} is unknown; use one of {', '.join(known)}")
+  if F.target != "mpq" and not F.export:
+    raise UserError(f"--target={F.target} names the format of an export: use it with --export=OUT")
+  if F.save_outputs and F.mode != "int" and not F.runtime and not F.model:
+    raise UserError("--save_outputs writes what an exported model produces: use it with "
+                    "--mode=int or --runtime")
+  for flag in ("json", "export_bits", "save_outputs"):
     if getattr(F, flag):
       workdir_lib.check_file(getattr(F, flag), f"--{flag}")
   if F.export:
@@ -102,11 +135,13 @@ def _integer(F):
   fq_model, result = None, {}
   if F.model:
     if F.mode not in ("int", "auto") or F.export:
-      raise UserError("--model evaluates an exported integer model: use it with --mode=int only")
+      raise UserError("--model evaluates an exported integer model: use it with --mode=int or "
+                      "--runtime only")
     manifest, tensors = export.load(F.model)
     src = manifest.get("source", {})
     data = data_lib.load(src.get("dataset", "fashion_mnist"), F.data_dir or src.get("data_dir") or None,
-                         None, src.get("num_test_examples") or None)
+                         None, src.get("num_test_examples") or None,
+                         src.get("input_norm", "channel"))
     export.check_input(manifest, data.image_shape, F.model)
     model_dir = F.model
   else:
@@ -118,10 +153,15 @@ def _integer(F):
       raise UserError(f"{F.workdir} holds a float model; integer export needs a QAT checkpoint, "
                       "or --ptq to calibrate this one")
     model_dir = F.export or tempfile.mkdtemp(prefix="mpq_int_")
+    calib = None
+    if export.TARGETS[F.target].int8_output:
+      calib = next(data_lib.eval_batches(data, F.calib_examples, split="train"))["image"]
     export.export(fq_model, data.image_shape, model_dir,
                   {"dataset": config.dataset, "data_dir": config.data_dir,
                    "num_test_examples": config.num_test_examples, "model": config.model,
-                   "workdir": os.path.abspath(F.workdir), "step": step, "ptq": _ptq(F)})
+                   "input_norm": config.input_norm,
+                   "workdir": os.path.abspath(F.workdir), "step": step, "ptq": _ptq(F)},
+                  target=F.target, calibration=calib)
     manifest, tensors = export.load(model_dir)
     result["step"] = step
     print(f"exported the integer model to {model_dir}")
@@ -136,10 +176,26 @@ def _integer(F):
                      f" ({100 * r['near_tie']:.0f}% of them at float32 rounding ties)")
     print(table([(r["layer"], f"max {r['max_lsb']:.0f} LSB, mean {r['mean_lsb']:.4f}, "
                   f"{100 * r['mismatch']:.2f}% differ{tie(r)}") for r in rows]))
-  if F.mode == "int" or F.model:
-    r = evaluate_int(manifest, tensors, data, fq_model=fq_model)
+  if F.runtime:
+    from mpq.export.evaluate import evaluate_runtime  # pylint: disable=g-import-not-at-top
+    r = evaluate_runtime(model_dir, manifest, tensors, data, F.runtime, F.num_examples,
+                         keep_outputs=bool(F.save_outputs))
+    _save_outputs(F, r)
     result.update(r, model=model_dir)
-    rows = [("model", model_dir), ("mode", "int"), ("examples", r["num_examples"])]
+    print(table([("model", model_dir), ("runtime", F.runtime), ("examples", r["num_examples"]),
+                 ("accuracy", f"{100 * r['accuracy']:.2f}%"),
+                 ("emulation acc.", f"{100 * r['emulation_accuracy']:.2f}%"),
+                 ("agreement", f"{100 * r['agreement_with_emulation']:.2f}% of top-1 with mpq's "
+                  f"emulation of {F.runtime}"),
+                 ("mismatches", f"{r['mismatches']} output values in {r['mismatched_examples']} "
+                  "images")]))
+  elif F.mode == "int" or F.model:
+    r = evaluate_int(manifest, tensors, data, fq_model=fq_model, num_examples=F.num_examples,
+                     emulate=F.emulate, model_dir=model_dir, keep_outputs=bool(F.save_outputs))
+    _save_outputs(F, r)
+    result.update(r, model=model_dir)
+    rows = [("model", model_dir), ("mode", "int"), ("emulate", r["emulate"]),
+            ("examples", r["num_examples"])]
     if fq_model is not None:  # float, fake-quant and integer accuracy side by side
       from mpq.train import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
       fl = evaluate_checkpoint(F.workdir, F.step, F.which, overrides, "float")
@@ -151,10 +207,23 @@ def _integer(F):
       rows += [("agreement", f"{100 * r['agreement_with_fake_quant']:.2f}%"),
                ("max logit diff", f"{r['max_logit_lsb_diff']:.1f} LSB")]
     print(table(rows))
-    if F.json:
-      os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
-      with open(F.json, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+  if F.json and (F.runtime or F.mode == "int" or F.model):
+    os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
+    with open(F.json, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
+
+
+def _save_outputs(F, r: dict) -> None:
+  """--save_outputs: `images`, `outputs`, `labels` of `r` (removed from it) to an .npz."""
+  arrays = {k: r.pop(k) for k in ("images", "outputs", "labels") if k in r}
+  if F.save_outputs:
+    import io  # pylint: disable=g-import-not-at-top
+    from mpq.workdir import write_atomic  # pylint: disable=g-import-not-at-top
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    os.makedirs(os.path.dirname(os.path.abspath(F.save_outputs)), exist_ok=True)
+    write_atomic(F.save_outputs, buf.getvalue())
+    print(f"wrote {', '.join(arrays)} to {F.save_outputs}")
 
 
 if __name__ == "__main__":

@@ -288,12 +288,14 @@ def _noise_rngs():
 class Field:
   """One config field: dotted `path` (e.g. 'quant.w_bits'), default, one line of documentation, the
   values it allows, and `only_if`: the path of a bool field that must be True for the check to run
-  (the mixed.* fields are checked only with mixed.enabled)."""
+  (the mixed.* fields are checked only with mixed.enabled). `legacy`: the value a config saved
+  before the field existed means (`from_dict`), where that differs from the default."""
   path: str
   default: Any
   doc: str
   check: Check | None = None
   only_if: str | None = None
+  legacy: Any = None
 
 
 def _mixed(path, default, doc, check) -> Field:
@@ -313,6 +315,12 @@ FIELDS: tuple[Field, ...] = (
           "'fashion_mnist' (local IDX files) or 'tfds:NAME' (a TFDS dataset prepared in "
           "array_record format)", String()),
     Field("data_dir", "", "where the dataset lives ('' = the default places)", String()),
+    Field("input_norm", "pixel", "how uint8 images become model inputs: 'pixel' (x = (p - z) s, "
+          "z = round(255 mean) and s = 1 / (255 std), one of each for all channels: the inputs lie "
+          "on an 8-bit grid, which is the first layer's input quantizer, fixed, so exports take the "
+          "uint8 image exactly) or 'channel' (per-channel mean and std; the first quantizer is "
+          "learned like the others; runs from before the pixel grid)", one_of(("pixel", "channel")),
+          legacy="channel"),
     Field("num_train_examples", 0, "keep only the first N training examples (0 = all)",
           at_least(0, integer=True)),
     Field("num_test_examples", 0, "keep only the first N test examples (0 = all)",
@@ -486,7 +494,22 @@ def from_dict(stored: dict) -> ml_collections.ConfigDict:
           dst[k] = v
 
   merge(config, stored)
+  for f in FIELDS:  # fields the saved config predates take the value that meant then
+    if f.legacy is not None and not _has(stored, f.path):
+      *groups, name = f.path.split(".")
+      d = config
+      for g in groups:
+        d = d[g]
+      d[name] = f.legacy
   return config
+
+
+def _has(d: dict, path: str) -> bool:
+  for k in path.split("."):
+    if not isinstance(d, dict) or k not in d:
+      return False
+    d = d[k]
+  return True
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -149,11 +149,11 @@ def multiply_by_quantized_multiplier_up(x, multiplier, shift):
 
 def multiply_by_quantized_multiplier_single_away(x, multiplier, shift):
   """One rounding, ties away from zero: `sign(x) floor((|x| M0 + 2^(30-shift)) / 2^(31-shift))`
-  for `M0 >= 0` and `shift` in [-31, 0] (LiteRT's reference FULLY_CONNECTED, `litert-ref`;
+  for `M0 >= 0` and `shift` in [-31, 30] (LiteRT's reference FULLY_CONNECTED, `litert-ref`;
   `mpq.export.litert_rules`). The 64-bit product `|x| M0` is formed from 16-bit halves, so this
   runs in 32-bit types; a result beyond int32 wraps as the C code's cast does."""
   x = jnp.asarray(x, jnp.int32)
-  total = 31 - jnp.asarray(shift, jnp.int32)  # 31..62
+  total = 31 - jnp.asarray(shift, jnp.int32)  # 1..62
   neg = x < 0
   ua = jnp.where(neg, jnp.uint32(0) - _u32(x), _u32(x))
   hi, lo = _wide_mul(ua, _u32(jnp.asarray(multiplier, jnp.int32)))
@@ -165,9 +165,11 @@ def multiply_by_quantized_multiplier_single_away(x, multiplier, shift):
                      jnp.left_shift(jnp.uint32(1), _u32(jnp.clip(total - 33, 0, 31))))
   lo2 = lo + add_lo
   hi2 = hi + add_hi + (lo2 < lo).astype(jnp.uint32)
-  # (hi2:lo2) >> total, total in [31, 62]
+  # (hi2:lo2) >> total, total in [1, 62]
   t_hi = _u32(jnp.clip(total - 32, 0, 31))
-  mag = jnp.where(total >= 32, jnp.right_shift(hi2, t_hi), (hi2 << 1) | (lo2 >> 31))
+  t_lo = _u32(jnp.clip(total, 1, 31))
+  mag = jnp.where(total >= 32, jnp.right_shift(hi2, t_hi),
+                  jnp.left_shift(hi2, _u32(32) - t_lo) | jnp.right_shift(lo2, t_lo))
   mag = mag.astype(jnp.int32)
   return jnp.where(neg, -mag, mag)
 

@@ -80,10 +80,12 @@ def check_file(path: str, flag: str) -> None:
     _creatable(path, flag)
 
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, content: str | bytes) -> None:
+  """Writes `content` (text as UTF-8, or bytes) to a temporary sibling of `path`, then renames it
+  into place: `path` is whole or untouched."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
+  with open(tmp, "wb") as f:
+    f.write(content.encode("utf-8") if isinstance(content, str) else content)
   os.replace(tmp, path)
 
 

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,3 +32,39 @@ def snapshot(d):
 def tiny_config():
   from configs import tiny
   return tiny.get_config()
+
+
+def calibrated_model(model_name, model_kwargs, estimator, w_bits, a_bits, rules=()):
+  """A calibrated (untrained) quantized model of configs/tiny.py's settings, 256 test images
+  (float, normalised) and the image shape."""
+  import ml_collections
+  from configs import tiny
+  from mpq import data as data_lib
+  from mpq.quant import calibration, model as quant_model
+  c = tiny.get_config()
+  c.model, c.model_kwargs = model_name, ml_collections.ConfigDict(model_kwargs)
+  c.quant.enabled, c.quant.estimator, c.quant.w_bits, c.quant.a_bits = True, estimator, w_bits, a_bits
+  c.quant.rules = rules
+  ds = data_lib.load(c.dataset, None, 512, 256)
+  model, _ = quant_model.build(c, ds.num_classes, ds.image_shape)
+  images = next(data_lib.eval_batches(ds, 256))["image"]
+  calibration.calibrate(model, [next(data_lib.eval_batches(ds, 256, split="train"))["image"]],
+                        act_method="percentile", weight_method="mse")
+  return model, images, ds.image_shape
+
+
+def assert_equal_but_for_near_ties(model, model_dir, images, got, want, max_images=0.01):
+  """The integer executor's `got` equals the fake-quant model's `want` ([images, ...]) exactly,
+  except in images downstream of a value that the fake-quant model, in float32, finds within
+  float32 error of a rounding tie (the executor rounds the exact value): then the first layer
+  whose input differs (`mpq.export.compare`) differs only at such near-ties, and at most
+  `max_images` of the images differ at all."""
+  from mpq import export
+  from mpq.export.compare import compare
+  differ = np.any(np.reshape(got != want, (len(got), -1)), axis=-1)
+  if not differ.any():
+    return
+  rows = compare(model, *export.load(str(model_dir)), images)
+  first = next((row for row in rows[:-1] if row["mismatch"] > 0), None)
+  assert first is not None and first["near_tie"] == 1.0, rows
+  assert differ.mean() <= max_images, (int(differ.sum()), rows)

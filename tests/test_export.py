@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import assert_equal_but_for_near_ties, calibrated_model as _calibrated_model, run_cli
 from mpq import export, intexec
 from mpq.export import ExportError
 
@@ -74,22 +74,33 @@ def test_tiny_export_agrees_with_fake_quant(tiny_export):
   assert json.load(open(base / "m.json"))["accuracy"] == pytest.approx(r["accuracy"])
 
 
-def _calibrated_model(model_name, model_kwargs, estimator, w_bits, a_bits, rules=()):
-  """A calibrated (untrained) quantized model and 256 test images."""
-  import ml_collections
-  from configs import tiny
+def test_tflite_export_runs_in_litert_from_the_cli(tiny_export):
+  """eval.py --export --target=tflite --runtime: LiteRT's outputs equal mpq's emulation (0
+  mismatches); --save_outputs holds exactly the uint8 images fed to the file, its int8 outputs and
+  the labels; --emulate on the mpq export is a one-line error."""
   from mpq import data as data_lib
-  from mpq.quant import calibration, model as quant_model
-  c = tiny.get_config()
-  c.model, c.model_kwargs = model_name, ml_collections.ConfigDict(model_kwargs)
-  c.quant.enabled, c.quant.estimator, c.quant.w_bits, c.quant.a_bits = True, estimator, w_bits, a_bits
-  c.quant.rules = rules
-  ds = data_lib.load(c.dataset, None, 512, 256)
-  model, _ = quant_model.build(c, ds.num_classes, ds.image_shape)
-  images = next(data_lib.eval_batches(ds, 256))["image"]
-  calibration.calibrate(model, [next(data_lib.eval_batches(ds, 256, split="train"))["image"]],
-                        act_method="percentile", weight_method="mse")
-  return model, images, ds.image_shape
+  from mpq.export import tflite_target
+  base, _ = tiny_export
+  out = run_cli("eval.py", f"--workdir={base / 'qat'}", f"--export={base / 'tfl'}",
+                "--target=tflite", "--runtime=litert-ref", "--num_examples=300",
+                f"--save_outputs={base / 'rt.npz'}", f"--json={base / 'rt.json'}")
+  assert out.returncode == 0, out.stderr
+  r = json.load(open(base / "rt.json"))
+  assert (r["runtime"], r["num_examples"], r["mismatches"]) == ("litert-ref", 300, 0)
+  z = np.load(base / "rt.npz")
+  ds = data_lib.load("fashion_mnist", None, 1, 300)
+  want = next(data_lib.eval_batches(ds, 300))
+  assert z["images"].dtype == np.uint8 and z["outputs"].dtype == np.int8
+  np.testing.assert_array_equal(z["images"], want["pixels"])
+  np.testing.assert_array_equal(z["labels"], want["label"])
+  np.testing.assert_array_equal(z["outputs"],
+                                tflite_target.run_litert(str(base / "tfl"), "litert-ref",
+                                                         want["pixels"]))
+  assert r["accuracy"] == pytest.approx(np.mean(z["outputs"].argmax(-1) == z["labels"]))
+  bad = run_cli("eval.py", f"--model={base / 'int'}", "--mode=int", "--emulate=litert-ref")
+  assert bad.returncode != 0
+  assert "--emulate=litert-ref does not fit" in bad.stderr and "--target=tflite" in bad.stderr
+  assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def _calibrated_export(tmp_path, model_name, model_kwargs, estimator, w_bits, a_bits, rules=()):
@@ -135,10 +146,16 @@ def test_integer_model_equals_fake_quant_bit_for_bit(tmp_path, model_name, kw, e
                                                       a_bits, rules):
   """Every integer logit accumulator equals the fake-quant model's logit in output LSBs, so top-1
   agrees on every image (the exporter chooses single-rounding multipliers and evaluation uses the
-  int32 bias; see mpq.intexec.requant_multiplier)."""
+  int32 bias; see mpq.intexec.requant_multiplier) -- except downstream of a value that the
+  fake-quant model, in float32, finds within float32 error of a rounding tie: then the first layer
+  whose input differs must differ only at such near-ties (`compare`), and top-1 still agrees.
+  (The cnn ste W8A8 case meets one such value at conv2's input, 1 of 200,704.)"""
   manifest, acc, lsb = _calibrated_export(tmp_path, model_name, kw, estimator, w_bits, a_bits, rules)
-  assert np.max(np.abs(lsb - acc)) < 1e-3 * max(1.0, np.max(np.abs(acc)))
-  np.testing.assert_array_equal(np.round(lsb).astype(np.int64), acc)
+  if np.array_equal(np.round(lsb).astype(np.int64), acc):
+    assert np.max(np.abs(lsb - acc)) < 1e-3 * max(1.0, np.max(np.abs(acc)))
+  else:
+    model, images, _ = _calibrated_model(model_name, kw, estimator, w_bits, a_bits, rules)
+    assert_equal_but_for_near_ties(model, tmp_path / "int", images, np.round(lsb), acc)
   scale = np.asarray(manifest["ops"][-1]["scale"])  # per-class scales (per-channel weights)
   np.testing.assert_array_equal((lsb * scale).argmax(-1), (acc * scale).argmax(-1))
   if model_name == "resnet20":

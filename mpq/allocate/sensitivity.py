@@ -100,7 +100,9 @@ def hessian_sensitivity(traces: np.ndarray, kernels: Sequence, choices: Sequence
 
 # ---------------------------------------------------------------------------------------- measured
 def _quantizers(model) -> list[tuple[str, object]]:
-  return [(f"{layer}/{q.role}", q) for layer, q in quantizers(model)]
+  """The quantizers whose bits a configuration sets (a fixed grid, the pixel grid of the input,
+  keeps its own)."""
+  return [(f"{layer}/{q.role}", q) for layer, q in quantizers(model) if not q.method.fixed_bits]
 
 
 def measured_sensitivity(model: nnx.Module, layers: Sequence[str], choices: Sequence[tuple[int, int]],

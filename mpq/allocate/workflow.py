@@ -126,6 +126,14 @@ def allocate(config, float_model, images, labels, num_classes: int) -> dict:
   allowed = allowed_mask(paths, choices, mc)
   latency = cost_lib.load_latency(mc.latency_table) if mc.latency_table else None
   tables = cost_lib.cost_tables(layers, choices, latency)
+  # layers that read the image keep the 8-bit pixel grid whatever a_bits a column names: their
+  # size and BOPs are those of (w_bits, 8) (a latency table's entries are taken as they are)
+  fixed = (quant_model.input_layers(float_model, models.layer_table(float_model), x.shape[1:])
+           if config.get("input_norm", "pixel") == "pixel" else [])
+  for p in fixed:
+    i, pixel = paths.index(p), [(w, 8) for w, _ in choices]
+    for k, v in cost_lib.cost_tables({p: layers[p]}, pixel).items():
+      tables[k][i] = v[0]
   budgets = budgets_of(mc, layers)
   solver = solve_ilp if mc.solver == "ilp" else solve_greedy
   try:  # feasibility first, before the (slow) sensitivities
@@ -145,7 +153,8 @@ def allocate(config, float_model, images, labels, num_classes: int) -> dict:
     raise UserError(f"mixed budgets: {e}") from None
   rows = np.arange(len(paths))
   tot = cost_lib.totals(tables, pick)
-  assignment = {p: {"w_bits": choices[c][0], "a_bits": choices[c][1]} for p, c in zip(paths, pick)}
+  assignment = {p: {"w_bits": choices[c][0], "a_bits": 8 if p in fixed else choices[c][1]}
+                for p, c in zip(paths, pick)}
   per_layer = {p: {"sensitivity": float(s[i, pick[i]]), "weight_bits": float(tables["weight_bits"][i, pick[i]]),
                    "bops": float(tables["bops"][i, pick[i]])} for i, p in enumerate(paths)}
   report = {"method": "ilp", "solver": mc.solver, "sensitivity": mc.sensitivity,

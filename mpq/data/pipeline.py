@@ -7,8 +7,9 @@ same shape). Because a `MapDataset` is random access, batch `k` is a pure functi
 resumed at step k reads exactly the batches an uninterrupted run would, with no iterator state to save.
 Augmentation draws from a generator seeded by (seed, batch index), so it is reproducible too.
 
-Each batch is a dict: `image` float32 [B, H, W, C] normalised with the dataset's mean/std, `label`
-int32 [B]; evaluation batches add `mask` (1 for real examples, 0 for the padding of the last batch).
+Each batch is a dict: `image` float32 [B, H, W, C] normalised (`_Normalize`: onto the pixel grid,
+or with the per-channel mean/std), `label` int32 [B]; evaluation batches add `mask` (1 for real
+examples, 0 for the padding of the last batch) and `pixels`, the uint8 images themselves.
 """
 
 from __future__ import annotations
@@ -62,13 +63,25 @@ class _Augment:
 
 @dataclasses.dataclass(frozen=True)
 class _Normalize:
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
+  """uint8 pixels `p` -> float32 model inputs: `(p - z) * s` on the pixel grid (`data.grid` =
+  (s, z), exact: `p - z` is an integer, one float32 rounding), else `(p - 255 mean) / (255 std)`
+  per channel. `keep_pixels` also keeps the uint8 images as `pixels` (what an export takes)."""
+  data: Dataset
+  keep_pixels: bool = False
 
   def __call__(self, batch):
-    mean = np.asarray(self.mean, np.float32) * 255.0
-    inv = 1.0 / (np.asarray(self.std, np.float32) * 255.0)
-    return dict(batch, image=(batch["image"].astype(np.float32) - mean) * inv)
+    p = batch["image"]
+    if self.data.grid is not None:
+      s, z = self.data.grid
+      x = (p.astype(np.float32) - np.float32(z)) * np.float32(s)
+    else:
+      mean = np.asarray(self.data.mean, np.float32) * 255.0
+      inv = 1.0 / (np.asarray(self.data.std, np.float32) * 255.0)
+      x = (p.astype(np.float32) - mean) * inv
+    out = dict(batch, image=x)
+    if self.keep_pixels:
+      out["pixels"] = p
+    return out
 
 
 def _augment(name: str) -> _Augment | None:
@@ -95,7 +108,7 @@ def train_dataset(data: Dataset, batch_size: int, seed: int, num_steps: int, aug
   aug = _augment(augment)
   if aug is not None:
     ds = ds.random_map(aug, seed=seed + 1)
-  return ds.map(_Normalize(data.mean, data.std))
+  return ds.map(_Normalize(data))
 
 
 def iterate(ds: grain.MapDataset, start: int = 0, prefetch: int = 4, threads: int = 2) -> Iterator[dict]:
@@ -113,7 +126,7 @@ def eval_batches(data: Dataset, batch_size: int, split: str = "test", process_in
   local_bs = batch_size // process_count
   idx = np.arange(len(src))[process_index::process_count]
   num_batches = -(-len(src) // batch_size)
-  norm = _Normalize(data.mean, data.std)
+  norm = _Normalize(data, keep_pixels=True)
   for i in range(num_batches):
     chunk = idx[i * local_bs:(i + 1) * local_bs]
     n = len(chunk)

@@ -17,7 +17,7 @@ from mpq.data import fashion_mnist
 from mpq.errors import DataError
 
 # Per-channel mean and std of the training images in [0, 1], for normalisation.
-_STATS = {
+STATS = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "mnist": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -71,6 +71,32 @@ class Dataset:
   image_shape: tuple[int, int, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  # (scale, zero point) of the pixel grid when images are normalised onto it (`input_norm`
+  # 'pixel', see `pixel_grid`); None: per-channel mean/std ('channel')
+  grid: tuple[float, int] | None = None
+
+
+INPUT_NORMS = ("pixel", "channel")
+
+
+def stats(name: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) per channel of dataset `name` (a config name: `fashion_mnist`, `tfds:cifar10`)
+  for pixels in [0, 1]; (0.5, 0.25) per channel for a dataset without recorded statistics."""
+  base = name[len("tfds:"):] if name.startswith("tfds:") else name
+  return STATS.get(base, ((0.5,) * channels, (0.25,) * channels))
+
+
+def pixel_grid(name: str, channels: int) -> tuple[float, int]:
+  """(scale, zero point) of the pixel grid of dataset `name`: `z = round(255 mean)` and
+  `s = float32(1 / (255 std))`, one of each for all channels (mean and std averaged over them), so
+  that an exported model's first quantized tensor has one scale and zero point, as TFLite and ONNX
+  Runtime need. Images normalised as `x = (p - z) * s` (`input_norm='pixel'`) lie exactly on this
+  8-bit unsigned grid, `round(x / s) + z == p` for every uint8 pixel `p` (tested): the first
+  layer's input quantizer is then this grid, fixed, and an export takes the uint8 image itself."""
+  mean, std = stats(name, channels)
+  z = int(np.floor(255.0 * float(np.mean(mean)) + 0.5))
+  s = float(np.float32(1.0) / (np.float32(255.0) * np.float32(np.mean(std))))
+  return s, z
 
 
 def _subset(src: Source, n: int | None) -> Source:
@@ -94,23 +120,25 @@ class _Prefix:
 
 
 def load(name: str, data_dir: str | None = None, num_train: int | None = None,
-         num_test: int | None = None) -> Dataset:
-  """Loads a dataset by config name; `num_train`/`num_test` keep only the first examples."""
+         num_test: int | None = None, input_norm: str = "pixel") -> Dataset:
+  """Loads a dataset by config name; `num_train`/`num_test` keep only the first examples.
+  `input_norm`: 'pixel' normalises onto the pixel grid (`pixel_grid`), 'channel' with the
+  per-channel mean and std (runs started before the pixel grid existed)."""
+  if input_norm not in INPUT_NORMS:
+    raise DataError(f"unknown input_norm {input_norm!r}; use one of {INPUT_NORMS}")
   if name == "fashion_mnist":
     train = ArraySource(*fashion_mnist.load_split("train", data_dir))
     test = ArraySource(*fashion_mnist.load_split("test", data_dir))
     num_classes, shape = fashion_mnist.NUM_CLASSES, fashion_mnist.IMAGE_SHAPE
-    base = name
   elif name.startswith("tfds:"):
-    base = name[len("tfds:"):]
-    train, test, num_classes, shape = _load_tfds(base, data_dir)
+    train, test, num_classes, shape = _load_tfds(name[len("tfds:"):], data_dir)
   else:
     raise DataError(f"unknown dataset {name!r}; use 'fashion_mnist' or 'tfds:NAME' "
                     "(a TFDS dataset prepared in array_record format, e.g. tfds:cifar10)")
-  c = shape[-1]
-  mean, std = _STATS.get(base, ((0.5,) * c, (0.25,) * c))
+  mean, std = stats(name, shape[-1])
+  grid = pixel_grid(name, shape[-1]) if input_norm == "pixel" else None
   return Dataset(name, _subset(train, num_train), _subset(test, num_test), num_classes,
-                 tuple(shape), mean, std)
+                 tuple(shape), mean, std, grid)
 
 
 def _load_tfds(name: str, data_dir: str | None):

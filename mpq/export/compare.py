@@ -1,6 +1,7 @@
 """Layer-by-layer comparison of the fake-quant model and the integer executor.
 
-For every dense/conv layer, the integer input tensor the executor computed is compared with the
+For every layer with one input grid (dense, conv and other `Linear` op kinds), the integer input
+tensor the executor computed is compared with the
 fake-quant model's quantized input `Q_a(x) / s + z` (the same grid): the max and mean absolute
 difference in LSBs, so a mismatch is located at the first layer where it appears.
 
@@ -34,7 +35,7 @@ def compare(model, manifest: dict, tensors: dict, images) -> list[dict]:
   env = intermediates(manifest, tensors, images)
   rows = []
   for op in manifest["ops"]:
-    if op["op"] not in ("conv2d", "dense") or op["name"] not in taps:
+    if op["name"] not in taps or "input_scale" not in op:  # the layers with one input grid
       continue
     x, y = taps[op["name"]]
     fq = y / op["input_scale"] + op["input_zero_point"]
@@ -45,10 +46,9 @@ def compare(model, manifest: dict, tensors: dict, images) -> list[dict]:
     rows.append({"layer": op["name"], "max_lsb": float(d.max()), "mean_lsb": float(d.mean()),
                  "mismatch": float(np.mean(d > 0)),
                  "near_tie": float(np.mean(near[d > 0])) if np.any(d > 0) else None})
-  last = manifest["ops"][-1]
+  last = manifest["ops"][-1]  # the logits: the last accumulator, or int8 on the output grid
   acc = np.asarray(env[last["input"]], np.float64)
-  scale = np.asarray(last["scale"])
-  rows.append({"layer": "logits", "max_lsb": float(np.max(np.abs(logits_fq / scale - acc))),
-               "mean_lsb": float(np.mean(np.abs(logits_fq / scale - acc))),
-               "mismatch": float(np.mean(np.abs(logits_fq / scale - acc) > 0.5)), "near_tie": None})
+  d = np.abs(logits_fq / np.asarray(last["scale"]) + last.get("zero_point", 0) - acc)
+  rows.append({"layer": "logits", "max_lsb": float(np.max(d)), "mean_lsb": float(np.mean(d)),
+               "mismatch": float(np.mean(d > 0.5)), "near_tie": None})
   return rows

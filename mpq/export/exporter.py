@@ -55,18 +55,47 @@ def grid(q, tensor=None) -> dict:
           "signed": g["signed"], "qmin": qmin, "qmax": qmax}
 
 
-def export(model, image_shape, out_dir: str, meta: dict | None = None, target: str = "mpq") -> dict:
+def export(model, image_shape, out_dir: str, meta: dict | None = None, target: str = "mpq",
+           calibration=None) -> dict:
   """Lowers `model` and writes it with `target`'s writer (`mpq`: `out_dir/manifest.json` and
   `out_dir/weights.npz`); returns the manifest. `meta` (e.g. dataset, model, source checkpoint) is
-  stored under "source". `out_dir` is checked first (`check_out_dir`: new, empty, or an earlier
-  export, which is replaced as a whole; anything else is refused before any work) and written
-  through a temporary sibling directory (`write`), so a failure leaves it as it was."""
+  stored under "source". `calibration`: model inputs (float, normalised) from which a target with
+  an int8 output (`Target.int8_output`) calibrates its output grid. `out_dir` is checked first
+  (`check_out_dir`: new, empty, or an earlier export, which is replaced as a whole; anything else
+  is refused before any work) and written through a temporary sibling directory (`write`), so a
+  failure leaves it as it was."""
   t = targets_lib.get(target)
   check_out_dir(out_dir)
-  lowering = Lowering(graph_lib.capture(model, image_shape), image_shape, t)
+  output_grid = None
+  if t.int8_output:
+    if calibration is None:
+      raise ExportError(f"export target {t.name!r} outputs int8 logits, whose grid is calibrated: "
+                        "pass calibration images")
+    output_grid = calibrate_output(model, calibration)
+  lowering = Lowering(graph_lib.capture(model, image_shape), image_shape, t, output_grid)
   manifest = lowering.run(meta)
   write(out_dir, t, manifest, lowering.tensors)
   return manifest
+
+
+def calibrate_output(model, images, batch_size: int = 500) -> dict:
+  """The int8 grid of the logits (per tensor, affine) from their range over `images` (the
+  fake-quant model at evaluation): `s = float32((hi - lo) / 255)` with `lo <= 0 <= hi`,
+  `z = round(-128 - lo / s)` in [-128, 127]."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(model)
+  call = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, train=False))
+  lo = hi = 0.0
+  for i in range(0, len(images), batch_size):
+    y = np.asarray(call(state, np.asarray(images[i:i + batch_size], np.float32)))
+    lo, hi = min(lo, float(y.min())), max(hi, float(y.max()))
+  if hi - lo <= 0 or not math.isfinite(hi - lo):
+    raise ExportError(f"cannot calibrate the output grid: the logits' range is [{lo}, {hi}]")
+  scale = float(np.float32((hi - lo) / 255.0))
+  zero_point = int(np.clip(np.floor(-128.0 - lo / scale + 0.5), -128, 127))
+  return {"scale": np.asarray([scale]), "zero_point": np.asarray([zero_point]), "bits": 8,
+          "signed": True, "qmin": -128, "qmax": 127}
 
 
 # -- the output directory
@@ -208,11 +237,15 @@ def check_input(manifest: dict, image_shape, model_dir: str | None = None) -> No
 
 class Acc(NamedTuple):
   """An int32 accumulator: the producing layer's `name`, its IR `tensor`, its real `scale` (per
-  output channel) and a bound on its magnitude."""
+  output channel) and a bound on its magnitude; for a dense/conv layer also `factors`, the scales
+  whose product `scale` is ((s_in, s_w per channel): a target may derive multipliers from them, as
+  TFLite does), and `producer`, the IR op that produced it."""
   name: str
   tensor: str
   scale: np.ndarray
   bound: float
+  factors: tuple | None = None
+  producer: dict | None = None
 
 
 class Lowering:
@@ -220,8 +253,9 @@ class Lowering:
   (an accumulator, `accumulator`) or by a transform (`transform`: ReLU, pooling between an
   accumulator and the next quantizer), lowered when a quantizer consumes it (`to_grid`)."""
 
-  def __init__(self, graph, image_shape, target):
+  def __init__(self, graph, image_shape, target, output_grid: dict | None = None):
     self.graph, self.image_shape, self.target = graph, image_shape, target
+    self.output_grid = output_grid
     self.producer: dict[str, tuple] = {"input": ("input",)}
     self.ops, self.tensors, self.input_spec, self._n = [], {}, None, 0
     self.consumer = ""
@@ -260,8 +294,12 @@ class Lowering:
     _, _, w_int, bias = integer_form(layer.aq, layer.wq, w, layer.wq(w), b)
     return g_w, np.asarray(w_int, np.int64), np.asarray(bias, np.float64)
 
-  def accumulator(self, tensor: str, name: str, acc_tensor: str, scale, bound: float) -> None:
-    self.producer[tensor] = ("acc", Acc(name, acc_tensor, np.asarray(scale, np.float64), bound))
+  def accumulator(self, tensor: str, name: str, acc_tensor: str, scale, bound: float,
+                  factors: tuple | None = None) -> None:
+    """Records graph tensor `tensor` as the int32 accumulator `acc_tensor` (produced by the last op
+    emitted) at real `scale` (per channel), `factors` as in `Acc`."""
+    self.producer[tensor] = ("acc", Acc(name, acc_tensor, np.asarray(scale, np.float64), bound,
+                                        factors, self.ops[-1] if self.ops else None))
 
   def transform(self, node) -> None:
     self.producer[node.output] = ("transform", node)
@@ -296,9 +334,15 @@ class Lowering:
       self.input_spec = {"tensor": t_in, "shape": list(self.image_shape),
                          "scale": float(g["scale"][0]), "zero_point": int(g["zero_point"][0]),
                          "qmin": g["qmin"], "qmax": g["qmax"], "bits": g["bits"]}
+      pixels = {"pixels": True} if q.method.pixels else {}
+      if not pixels and self.target.pixel_input:
+        self.fail(f"{consumer}: export target {self.target.name!r} takes the uint8 image, so the "
+                  "first layer's input quantizer must be the pixel grid; train with "
+                  "--config.input_norm=pixel (the default for runs started since it exists)")
+      self.input_spec.update(pixels)
       self.emit({"op": "quantize", "name": f"{consumer}/input", "input": "input",
                  "output": t_in, **{k: self.input_spec[k] for k in
-                                    ("scale", "zero_point", "qmin", "qmax", "bits")}})
+                                    ("scale", "zero_point", "qmin", "qmax", "bits")}, **pixels})
       return t_in, g
     acc = source[1]
     entries = [ops.kind(n.kind) for n in transforms]
@@ -312,20 +356,31 @@ class Lowering:
     z_out, s_out = int(g["zero_point"][0]), float(g["scale"][0])
     for entry in entries[split:]:
       lo, hi = entry.clamp(lo, hi, z_out, s_out)
-    key = f"{acc.name}->{consumer}"
-    out_max = max(abs(lo - z_out), abs(hi - z_out)) + 1
-    pairs = [self.multiplier(m, out_max) for m in np.ravel(acc.scale / s_out)]
-    shape = np.shape(acc.scale)
-    m0 = np.asarray([p[0] for p in pairs], np.int32).reshape(shape)
-    shift = np.asarray([p[1] for p in pairs], np.int32).reshape(shape)
-    self.tensors[f"{key}/multiplier"], self.tensors[f"{key}/shift"] = m0, shift
-    t_in = self.new()
-    self.emit({"op": "requantize", "name": key, "input": acc.tensor, "output": t_in,
-               "multiplier": f"{key}/multiplier", "shift": f"{key}/shift",
-               "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]})
+    t_in = self.requantize(acc, consumer, g, lo, hi)
     for node, entry in zip(transforms[split:], entries[split:]):
       t_in = entry.after_requantize(self, t_in, node)
     return t_in, g
+
+  def requantize(self, acc, consumer: str, g: dict, lo: int, hi: int) -> str:
+    """Emits the `requantize` of accumulator `acc` onto grid `g` clamped to [lo, hi], with the
+    target's rule and multipliers (`Target.requantizer`); returns the output tensor."""
+    key = f"{acc.name}->{consumer}"
+    z_out, s_out = int(g["zero_point"][0]), float(g["scale"][0])
+    out_max = max(abs(lo - z_out), abs(hi - z_out)) + 1
+    try:
+      rule, fields = self.target.requantizer(acc, s_out, out_max)
+    except ValueError as e:
+      self.fail(f"layer {acc.name!r}: {e}")
+    op = {"op": "requantize", "name": key, "input": acc.tensor}
+    if rule is not None:
+      op["rule"] = rule
+    for field, values in fields.items():
+      self.tensors[f"{key}/{field}"] = values
+      op[field] = f"{key}/{field}"
+    t_out = self.new()
+    op.update(output=t_out, zero_point=z_out, clamp=[lo, hi], bits=g["bits"], output_scale=s_out)
+    self.emit(op)
+    return t_out
 
   def run(self, meta) -> dict:
     for node in self.graph.nodes:
@@ -342,10 +397,20 @@ class Lowering:
     if final is None or final[0] != "acc":
       self.fail("the model output must be a dense/conv layer's output (logits)")
     acc = final[1]
-    self.emit({"op": "dequantize", "name": f"{acc.name}/output", "input": acc.tensor,
-               "output": "logits", "scale": [float(v) for v in np.ravel(acc.scale)]})
-    return {"format": FORMAT, "version": VERSION, "input": self.input_spec, "output": "logits",
-            "num_classes": int(self.graph.out_shape[-1]), "source": meta or {}, "ops": self.ops}
+    if self.output_grid is None:
+      self.emit({"op": "dequantize", "name": f"{acc.name}/output", "input": acc.tensor,
+                 "output": "logits", "scale": [float(v) for v in np.ravel(acc.scale)]})
+    else:  # int8 logits on the calibrated grid, then dequantized
+      g = self.output_grid
+      t_out = self.requantize(acc, "output", g, g["qmin"], g["qmax"])
+      self.emit({"op": "dequantize", "name": f"{acc.name}/output", "input": t_out,
+                 "output": "logits", "scale": [float(g["scale"][0])],
+                 "zero_point": int(g["zero_point"][0])})
+    manifest = {"format": FORMAT, "version": VERSION, "input": self.input_spec, "output": "logits",
+                "num_classes": int(self.graph.out_shape[-1]), "source": meta or {}, "ops": self.ops}
+    if self.target.name != "mpq":
+      manifest["target"] = self.target.name
+    return manifest
 
 
 # -- loading
@@ -534,6 +599,8 @@ def load(model_dir: str) -> tuple[dict, dict]:
   for field in ("scale", "zero_point", "qmin", "qmax", "bits"):
     need(first, field, first[field] == spec[field],
          f"is {first[field]!r}, but the input spec says {spec[field]!r}")
+  need(first, "pixels", first.get("pixels", False) == spec.get("pixels", False),
+       f"is {first.get('pixels', False)!r}, but the input spec says {spec.get('pixels', False)!r}")
   need(first, "output", first["output"] == spec["tensor"],
        f"is {first['output']!r}, but the input spec's tensor is {spec['tensor']!r}")
   need(last, "output", last["output"] == manifest["output"],
@@ -549,10 +616,29 @@ def _check_shapes(manifest: dict, tensors: dict, need) -> None:
   the manifest's input shape, so that a shape that does not fit (a weight_shape, a pooling window,
   per-channel tensors) is an error naming the op, not a failure when the model runs; the logits
   must be [batch, num_classes]."""
+  ir_ops = manifest["ops"]
+  shapes = _trace_shapes(manifest, tensors, need, 2)
+  out = shapes[ir_ops[-1]["output"]]
+  need(ir_ops[-1], "output", tuple(out) == (2, manifest["num_classes"]),
+       f"would have shape {tuple(out)[1:]} per image, not ({manifest['num_classes']},) "
+       "(num_classes)")
+
+
+def tensor_shapes(manifest: dict, tensors: dict, batch: int = 1) -> dict[str, tuple]:
+  """The shape of every tensor of a validated model (`load`) for a batch of `batch`, by name
+  ("input" included)."""
+  def need(op, field, ok, what):
+    if not ok:
+      raise ExportError(f"op {op.get('name', '?')!r} ({op.get('op', '?')}): field {field!r} {what}")
+  return _trace_shapes(manifest, tensors, need, batch)
+
+
+def _trace_shapes(manifest: dict, tensors: dict, need, batch: int) -> dict[str, tuple]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   ir_ops = manifest["ops"]
-  shape = (2, *manifest["input"]["shape"])
+  shape = (batch, *manifest["input"]["shape"])
+  shapes = {"input": shape}
 
   def trace(x):
     env = {"input": x}
@@ -569,9 +655,9 @@ def _check_shapes(manifest: dict, tensors: dict, need) -> None:
            f"would be empty (shape {tuple(y.shape)} from input shape "
            f"{', '.join(str(tuple(v.shape)) for v in args.values())})")
       env[op["output"]] = y
+      shapes[op["output"]] = tuple(int(d) for d in y.shape)
     return env[ir_ops[-1]["output"]]
 
-  out = jax.eval_shape(trace, jax.ShapeDtypeStruct(shape, jnp.float32))
-  need(ir_ops[-1], "output", tuple(out.shape) == (2, manifest["num_classes"]),
-       f"would have shape {tuple(out.shape)[1:]} per image, not ({manifest['num_classes']},) "
-       "(num_classes)")
+  dtype = jnp.uint8 if manifest["input"].get("pixels") else jnp.float32
+  jax.eval_shape(trace, jax.ShapeDtypeStruct(shape, dtype))
+  return shapes

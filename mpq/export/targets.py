@@ -7,14 +7,28 @@ A target (`Target`, registered in `TARGETS` by name) owns
                                       holding an mpq manifest and only files some target writes
                                       is an earlier export, which a new export may replace
   multiplier(m, out_max)              how a real multiplier becomes (M0, shift) for its kernels
+  requantizer(acc, s_out, out_max)    the `requantize` op of accumulator `acc`
+                                      (`mpq.export.exporter.Acc`) onto a grid of scale `s_out`:
+                                      (rule name or None for the default, {field: tensor}); a
+                                      ValueError says what the target cannot express
   rounding                            the rounding rule of each IR op (`mpq.rounding.RULES` names;
                                       `"*"` is the default), used where the lowering rounds
                                       (`Lowering.round`, e.g. a ReLU6 clamp bound)
-Today's only entry is mpq's own format, `mpq` (`mpq-int` manifest + weights.npz, half up
-everywhere, `requant_multiplier`: the more faithful of TFLite's normalised double-rounding form and
-a single-rounding form); the executor's kernels implement its rules. A target whose kernels round
-differently (issue 8: TFLite's families, ONNX Runtime) adds its entry here and the kernels that
-emulate it, so that "bit-exact with runtime X" is a property of one entry and its tests against X.
+  int8_output                         the logits leave as int8 on a calibrated grid (TFLite's
+                                      FULLY_CONNECTED cannot output int32), not as float
+  pixel_input                         the model takes the uint8 image (the first quantizer must
+                                      be the pixel grid)
+  emulations, emulate(m, t, name)     the kernel families whose arithmetic the executor emulates
+                                      for its files: (manifest, tensors) rewritten for `name`
+                                      (the first name: the manifest as exported)
+  runtimes, run(dir, name, images)    the real runtimes that run its files: the file's output for
+                                      `images` (what the file takes: uint8 pixels, or float)
+Entries: mpq's own format, `mpq` (`mpq-int` manifest + weights.npz, half up everywhere,
+`requant_multiplier`: the more faithful of TFLite's normalised double-rounding form and a
+single-rounding form), whose rules the executor's kernels implement; and `tflite`
+(`mpq.export.tflite_target`: a .tflite file plus the mpq manifest of the same integer model, with
+LiteRT's multipliers and rules, which the executor then emulates). "Bit-exact with runtime X" is a
+property of one entry and its tests against X.
 """
 
 from __future__ import annotations
@@ -36,12 +50,19 @@ class Target:
   files: tuple[str, ...]
   multiplier: Callable[[float, float], tuple[int, int]]
   rounding: dict
+  requantizer: Callable
+  int8_output: bool = False
+  pixel_input: bool = False
+  emulations: tuple[str, ...] = ()
+  emulate: Callable | None = None
+  runtimes: tuple[str, ...] = ()
+  run: Callable | None = None
 
   def rounding_of(self, op: str) -> str:
     return self.rounding.get(op, self.rounding["*"])
 
 
-def _write_mpq(out_dir: str, manifest: dict, tensors: dict) -> None:
+def write_mpq(out_dir: str, manifest: dict, tensors: dict) -> None:
   """`out_dir/weights.npz` and `out_dir/manifest.json`."""
   os.makedirs(out_dir, exist_ok=True)
   np.savez(os.path.join(out_dir, "weights.npz"), **tensors)
@@ -63,5 +84,20 @@ def get(name: str) -> Target:
   return TARGETS[name]
 
 
-register(Target("mpq", _write_mpq, ("manifest.json", "weights.npz"), requant_multiplier,
-              {"*": "half_up"}))
+def fixed_point(pairs, shape) -> dict:
+  """{"multiplier", "shift"} int32 tensors of shape `shape` from (M0, shift) pairs."""
+  return {"multiplier": np.asarray([p[0] for p in pairs], np.int32).reshape(shape),
+          "shift": np.asarray([p[1] for p in pairs], np.int32).reshape(shape)}
+
+
+def _mpq_requantizer(acc, s_out: float, out_max: float):
+  """mpq's rule (the default, `double`) with `requant_multiplier(s_acc / s_out)` per channel."""
+  pairs = [requant_multiplier(m, out_max) for m in np.ravel(acc.scale / s_out)]
+  return None, fixed_point(pairs, np.shape(acc.scale))
+
+
+register(Target("mpq", write_mpq, ("manifest.json", "weights.npz"), requant_multiplier,
+                {"*": "half_up"}, _mpq_requantizer, emulations=("mpq",),
+                emulate=lambda manifest, tensors, name: (manifest, tensors)))
+
+from mpq.export import tflite_target  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -122,8 +122,11 @@ class TFLiteBuilder:
     return len(self.buffers) - 1
 
   def add_tensor(self, name: str, shape: Sequence[int], dtype: str, *, data=None,
-                 scale=None, zero_point=None, quantized_dimension: int = 0) -> int:
+                 scale=None, zero_point=None, quantized_dimension: int = 0,
+                 signature: Sequence[int] | None = None) -> int:
     """A tensor; `data` makes it a constant (stored in a new buffer, encoded for `dtype`).
+    `signature`: the shape with -1 for dynamic dimensions (e.g. the batch), `shape` then holds
+    the size the interpreter allocates first.
 
     `scale` (a float, or a sequence for per-channel quantization along `quantized_dimension`) and
     `zero_point` (an int or a sequence of the same length; default 0) give affine quantization;
@@ -137,6 +140,8 @@ class TFLiteBuilder:
     t.shape = np.asarray(shape, np.int32)
     t.type = getattr(self.s.TensorType, DTYPES[dtype][0])
     t.buffer = 0
+    if signature is not None:
+      t.shapeSignature = np.asarray([int(d) for d in signature], np.int32)
     if data is not None:
       arr = np.asarray(data)
       if arr.size != int(np.prod(shape, dtype=np.int64)):

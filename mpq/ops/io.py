@@ -18,7 +18,9 @@ from mpq.rounding import half_up
 
 
 class Quantize(IROp):
-  """`clip(round_half_up(x / s) + z, qmin, qmax)` of the float input."""
+  """`clip(round_half_up(x / s) + z, qmin, qmax)` of the float input. `pixels: true`: the grid is
+  the pixel grid (8 bits, [0, 255]), and the model also takes the uint8 image itself, which passes
+  as int32 (the normalised float image `(p - z) s` quantizes to the same integers, `p`)."""
   name = "quantize"
 
   def validate(self, op, raw, tensors, need):
@@ -28,11 +30,34 @@ class Quantize(IROp):
     qmin = self.integer(op, "qmin", need, lo, hi - 1)
     qmax = self.integer(op, "qmax", need, qmin + 1, min(hi, qmin + 2 ** bits - 1))
     self.integer(op, "zero_point", need, qmin, qmax)
+    pixels = op.get("pixels", False)
+    need(op, "pixels", isinstance(pixels, bool), f"must be true or false{self.got(op, 'pixels')}")
+    need(op, "pixels", not pixels or (bits, qmin, qmax) == (8, 0, 255),
+         "is true, so the grid must be the uint8 pixels' (bits 8, qmin 0, qmax 255)")
 
   def value_range(self, op, ranges, need):
     return op["qmin"], op["qmax"]
 
+  def tflite_op(self, op):
+    return "QUANTIZE"
+
+  def tflite(self, op, w):
+    """The uint8 image input ([batch, H, W, C], the batch dynamic) and QUANTIZE to int8: equal
+    scales, zero point - 128, so every value moves by -128 exactly."""
+    if not op.get("pixels", False):
+      w.fail(op, "the tflite target takes the uint8 image; the first quantizer must be the pixel "
+             "grid (train with --config.input_norm=pixel)")
+    shape = w.shapes["input"]
+    x = w.builder.add_tensor("input", shape, "uint8", scale=float(np.float32(op["scale"])),
+                             zero_point=op["zero_point"], signature=w.signature(shape))
+    w.ids["input"], w.offsets["input"] = x, 0
+    y = w.grid_tensor(op["output"], op["scale"], op["zero_point"], op["qmin"], op["qmax"], op)
+    w.builder.add_operator("QUANTIZE", [x], [y])
+
   def kernel(self, op, env, tensors):
+    x = jnp.asarray(env[op["input"]])
+    if op.get("pixels", False) and jnp.issubdtype(x.dtype, jnp.integer):
+      return jnp.clip(x.astype(jnp.int32), op["qmin"], op["qmax"])
     x = half_up(jnp.asarray(env[op["input"]], jnp.float32) / op["scale"]) + op["zero_point"]
     return jnp.clip(x, op["qmin"], op["qmax"]).astype(jnp.int32)
 
@@ -81,7 +106,7 @@ REQUANT_RULES = {r.name: r for r in (
     # LiteRT's reference FULLY_CONNECTED: one rounding of x M0 / 2^(31 - shift), ties away from 0
     RequantRule("single_away", _FIXED, lambda x, m0, sh: multiply_by_quantized_multiplier_single_away(
         x, jnp.asarray(m0, jnp.int32), jnp.asarray(sh, jnp.int32)),
-                _fixed_point_check(-31, 0), _nonneg_no_left_shift),
+                _fixed_point_check(-31, 30), _nonneg_no_left_shift),
     # XNNPACK (LiteRT auto) and ONNX Runtime's QLinear ops: rint_half_even(f32(x) * scale), scale
     # the float32 f32(f32(s_in s_w) / s_out)
     RequantRule("float32_even", (("scale", np.float32),), multiply_by_float32_even,
@@ -138,6 +163,8 @@ class Requantize(IROp):
     bits = self.bits(op, "bits", need)
     self.grid_range(op, "clamp", bits, need, strict=False)
     self.integer(op, "zero_point", need, *self.bits_range(bits))
+    if "output_scale" in op:  # the output grid's scale (informative; a .tflite stores it)
+      self.scale(op, "output_scale", need)
     for (field, _), a in zip(rule.fields, arrays):
       tensors[op[field]] = a
 
@@ -147,17 +174,31 @@ class Requantize(IROp):
   def kernel(self, op, env, tensors):
     return requantize(op, env[op["input"]], tensors)
 
+  def tflite(self, op, w):
+    w.fail(op, "a requantization that no kernel performs (of an addition or an average pooling) "
+           "has no tflite lowering yet; export with --target=mpq")
+
 
 class Dequantize(IROp):
-  """The last accumulator as float: `acc * scale_c`."""
+  """The logits as float: `(x - z) * scale_c` of the last accumulator (z = 0), or of the int8
+  logits on their calibrated grid (`zero_point` z; a target with int8 outputs)."""
   name = "dequantize"
 
   def validate(self, op, raw, tensors, need):
-    """`scale`: finite numbers > 0, one or one per class (the loader checks the count)."""
+    """`scale`: finite numbers > 0, one or one per class (the loader checks the count);
+    `zero_point` (optional) an integer."""
     self.scales(op, "scale", need)
+    if "zero_point" in op:
+      self.integer(op, "zero_point", need, -(2 ** 31), 2 ** 31 - 1)
+
+  def tflite(self, op, w):
+    """The int8 logits are the graph's output (dequantizing is the caller's)."""
+    x, _ = w.grid(op, op["input"])
+    w.outputs.append(x)
 
   def kernel(self, op, env, tensors):
-    return env[op["input"]].astype(jnp.float32) * jnp.asarray(np.asarray(op["scale"], np.float32))
+    x = env[op["input"]] - jnp.int32(op.get("zero_point", 0))
+    return x.astype(jnp.float32) * jnp.asarray(np.asarray(op["scale"], np.float32))
 
 
 register(Quantize(), Requantize(), Dequantize())

@@ -73,7 +73,7 @@ class Linear(OpKind):
     x_max = max(abs(g_in["qmin"] - z), abs(g_in["qmax"] - z))
     k = int(np.prod(w_int.shape[:-1]))  # products summed per output (conv: kh kw cin/groups)
     bound = float(k * np.max(np.abs(w_int)) * x_max + np.max(np.abs(bias)))
-    lw.accumulator(node.output, name, t_acc, s_in * s_w, bound)
+    lw.accumulator(node.output, name, t_acc, s_in * s_w, bound, factors=(s_in, s_w))
 
 
 class Dense(Linear):
@@ -219,6 +219,47 @@ class LinearIR(IROp):
       acc = self.apply(op, x - jnp.int32(z), jnp.asarray(w, jnp.int32))
     return acc + jnp.asarray(tensors[op["bias"]], jnp.int32)
 
+  # -- the tflite target
+  def tflite_layout(self, op, w_int, w):
+    """(weights in the TFLite op's layout, their quantized dimension, the op's options given the
+    fused activation): per op kind."""
+    raise NotImplementedError
+
+  def tflite_input(self, op, x: int, w) -> int:
+    """The .tflite tensor the op reads (dense: flattened first)."""
+    return x
+
+  def tflite(self, op, w):
+    """The TFLite op with int8 weights (per-channel scales), the int32 bias at scale
+    `f32(s_in) f32(s_w,c)`, and the consuming requantization fused: its output grid and clamp
+    (as a fused activation). LiteRT derives the multipliers from these float32 scales, as the
+    manifest's (`mpq.export.tflite_target.multipliers`)."""
+    kind = self.tflite_op(op)
+    if kind is None:
+      w.fail(op, "grouped convolutions other than depthwise (groups = input channels, one filter "
+             "each) have no TFLite op")
+    if op["w_bits"] > 8:
+      w.fail(op, f"weights of {op['w_bits']} bits do not fit int8; the tflite target takes at "
+             "most 8-bit weights")
+    r = w.requantize_of(op)
+    x, off = w.grid(op, op["input"])
+    x = self.tflite_input(op, x, w)
+    w_int = np.asarray(w.tensors[op["weight"]])
+    cout = w_int.shape[-1]
+    s_w = np.asarray(op["weight_scale"], np.float32)
+    s_in = np.float32(op["input_scale"])
+    weights, qdim, options = self.tflite_layout(op, w_int, w)
+    b = w.builder
+    wt = b.add_tensor(f"{op['name']}/weight", weights.shape, w.weight_dtype(op), data=weights,
+                      scale=s_w, zero_point=0, quantized_dimension=qdim)
+    bias_scale = (s_in * s_w).astype(np.float32)
+    bt = b.add_tensor(f"{op['name']}/bias", [cout], "int32", data=w.tensors[op["bias"]],
+                      scale=bias_scale, zero_point=0)
+    y, act = w.fused_output(r)
+    if op["input_zero_point"] + off != b.tensors[x].quantization.zeroPoint[0]:
+      w.fail(op, "its input zero point differs from its input tensor's")
+    b.add_operator(kind, [x, wt, bt], [y], options(act))
+
 
 class DenseIR(LinearIR):
   name, conv, flatten = "dense", False, True
@@ -226,6 +267,30 @@ class DenseIR(LinearIR):
   def apply(self, op, a, b):
     return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
                                preferred_element_type=jnp.int32)
+
+  def tflite_op(self, op):
+    return "FULLY_CONNECTED"
+
+  def tflite_input(self, op, x, w):
+    """A flattening dense layer on a [B, ...] input: RESHAPE to [-1, features] first (row-major,
+    as the executor flattens)."""
+    shape = w.shapes[op["input"]]
+    if not op.get("flatten", True) or len(shape) == 2:
+      return x
+    k = math.prod(shape[1:])
+    name = f"{op['input']}/flat"
+    w.shapes[name] = (shape[0], k)
+    y = w.alias(name, op["input"])
+    new_shape = w.builder.add_tensor(f"{name}/shape", [2], "int32",
+                                     data=np.asarray([-1, k], np.int32))
+    w.builder.add_operator("RESHAPE", [x, new_shape], [y],
+                           w.builder.options("ReshapeOptions", newShape=[-1, k]))
+    return y
+
+  def tflite_layout(self, op, w_int, w):
+    keep = not op.get("flatten", True) and len(w.shapes[op["input"]]) > 2
+    return w_int.T, 0, lambda act: w.builder.options(
+        "FullyConnectedOptions", fusedActivationFunction=act, keepNumDims=keep)
 
 
 class Conv2dIR(LinearIR):
@@ -235,6 +300,26 @@ class Conv2dIR(LinearIR):
     return jax.lax.conv_general_dilated(
         a, b, tuple(op["stride"]), op["padding"], feature_group_count=op["groups"],
         dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.int32)
+
+  def tflite_op(self, op):
+    kh, kw, cin_g, cout = op["weight_shape"]
+    if op["groups"] == 1:
+      return "CONV_2D"
+    if cin_g == 1 and op["groups"] == cout:
+      return "DEPTHWISE_CONV_2D"
+    return None
+
+  def tflite_layout(self, op, w_int, w):
+    """CONV_2D: [cout, kh, kw, cin] (OHWI), per-channel on axis 0; DEPTHWISE_CONV_2D: [1, kh,
+    kw, cout], per-channel on axis 3, one filter per input channel."""
+    sh, sw = op["stride"]
+    common = {"padding": op["padding"], "strideH": sh, "strideW": sw,
+              "dilationHFactor": 1, "dilationWFactor": 1}
+    if self.tflite_op(op) == "CONV_2D":
+      return w_int.transpose(3, 0, 1, 2), 0, lambda act: w.builder.options(
+          "Conv2DOptions", fusedActivationFunction=act, **common)
+    return w_int.transpose(2, 0, 1, 3), 3, lambda act: w.builder.options(
+        "DepthwiseConv2DOptions", fusedActivationFunction=act, depthMultiplier=1, **common)
 
 
 register(Dense(), Conv(), ConvBN(), DenseIR(), Conv2dIR())

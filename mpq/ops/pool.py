@@ -84,6 +84,18 @@ class MaxPoolIR(IROp):
   def kernel(self, op, env, tensors):
     return max_pool(env[op["input"]], op["window"])
 
+  def tflite_op(self, op):
+    return "MAX_POOL_2D"
+
+  def tflite(self, op, w):
+    """MAX_POOL_2D over non-overlapping windows (VALID), the output quantized as its input."""
+    x, _ = w.grid(op, op["input"])
+    y = w.alias(op["output"], op["input"])
+    win = op["window"]
+    w.builder.add_operator("MAX_POOL_2D", [x], [y], w.builder.options(
+        "Pool2DOptions", padding="VALID", strideW=win, strideH=win, filterWidth=win,
+        filterHeight=win, fusedActivationFunction="NONE"))
+
 
 class SumPoolIR(IROp):
   """Average pooling's sum in int32 over `axes` (default [1, 2]: H, W)."""

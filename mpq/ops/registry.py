@@ -12,6 +12,9 @@ registered in `IR_OPS` by their manifest name) define
   value_range(op, ranges, need)      the integer range of its output (for grids), after checking
                                      its inputs' ranges against what it declares about them
   kernel(op, env, tensors)           its int32 kernel in the executor (pure jax.numpy)
+  tflite(op, w)                      its lowering into a .tflite graph (`w`: the tflite target's
+                                     `mpq.export.tflite_target.Writer`); `tflite_op(op)` names the
+                                     TFLite op it becomes (the target's rules are per TFLite op)
 An op kind's module registers both (`register`), so adding an op kind is one module plus its
 tests; the exporter, the manifest loader, the executor and the cost model look entries up here.
 """
@@ -116,6 +119,14 @@ class IROp:
 
   def kernel(self, op, env, tensors):
     raise NotImplementedError
+
+  def tflite_op(self, op) -> str | None:
+    """The TFLite builtin op this IR op becomes, or None."""
+    return None
+
+  def tflite(self, op, w) -> None:
+    """Emits this op into the .tflite graph through `w` (`mpq.export.tflite_target.Writer`)."""
+    w.fail(op, "the tflite target has no lowering for this IR op yet; export with --target=mpq")
 
   # -- field checks for `validate`
   got = staticmethod(_got)  # " (got VALUE)" / " (missing)" for a message about `op[field]`

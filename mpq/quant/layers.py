@@ -49,6 +49,9 @@ class LayerQuant:
   a_bits: float = 8
   estimator: str = "lsq"
   a_per_channel: bool = False  # one activation scale per input channel (the last axis)
+  # (scale, zero point) of the pixel grid: the layer reads the model input, whose grid is fixed
+  # (`mpq.quant.methods.Pixel`) instead of `a_bits` / `estimator`
+  input_grid: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,11 @@ def _quantizer(name, role, lq: LayerQuant, opts: QuantOptions, **kw):
     kw["act_channels"] = in_channels  # dense/conv inputs; additions stay per tensor
   osc = Oscillation(track=opts.osc_track, freeze=opts.osc_freeze, momentum=opts.osc_momentum,
                     dampen=opts.osc_dampen)
-  return Quantizer(name, role, lq.estimator, bits, ema_decay=opts.ema_decay,
+  estimator = lq.estimator
+  if role == "act" and lq.input_grid is not None:
+    estimator, kw["grid"] = "pixel", tuple(lq.input_grid)
+    kw.pop("act_channels", None)
+  return Quantizer(name, role, estimator, bits, ema_decay=opts.ema_decay,
                    noise_lambda0=opts.noise_lambda0, noise_tau=opts.noise_tau, noise_rng=opts.noise_rng,
                    bypass=opts.bypass, oscillation=osc, **kw)
 

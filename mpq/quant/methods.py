@@ -16,6 +16,7 @@ one class here plus its tests; `Quantizer` has no branch on estimator names.
 
 Entries: none, ste (Jacob et al. 2017), lsq (Esser et al. 2019), lsq+ (Bhalgat et al. 2020),
 tqt (Jain et al. 2019), noise (Wang et al. 2022), dbits (Uhlich et al. 2020 / SDQ); see each class.
+`pixel` (internal: not a choice for rules) is the fixed grid of the model input.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Spec:
   noise_tau: float = 1000.0
   noise_rng: str = "hash"
   seed: int = 0
+  grid: tuple | None = None  # (scale, zero point) of a fixed grid (`pixel`)
 
   @property
   def is_weight(self) -> bool:
@@ -108,6 +110,9 @@ class Estimator:
   quantizes: ClassVar[bool] = True  # False: identity (the layer stays float)
   learns_bits: ClassVar[bool] = False  # True: `bits` is a QParam and `fixed_bits` exists
   tracks_oscillations: ClassVar[bool] = True  # weights can be tracked / frozen (Nagel et al.)
+  fixed_bits: ClassVar[bool] = False  # True: its bits are its own (`set_bits` leaves them)
+  internal: ClassVar[bool] = False  # True: not a choice for `quant.estimator` / rules
+  pixels: ClassVar[bool] = False  # True: its grid is the uint8 image itself (the model input)
   param_groups: ClassVar[dict] = {}
 
   def variables(self, spec: Spec, bits: float) -> dict:
@@ -351,8 +356,39 @@ class DBits(Estimator):
     return est.effective_bits(q.bits.value, q.fixed_bits.value, integer=True)
 
 
+class Pixel(Estimator):
+  """`pixel`: the model input's own grid, fixed: 8 bits unsigned, scale `s` and zero point `z`
+  from `Spec.grid` (`mpq.data.sources.pixel_grid`). With `input_norm='pixel'` the data pipeline
+  feeds `x = (p - z) s` for uint8 pixels `p`, which this grid holds exactly (`round(x / s) + z ==
+  p`): the forward is the identity on them, and an export takes the uint8 image as it is. The
+  first layer's input quantizer is this one, whatever the rules say (`mpq.quant.model`); it learns
+  nothing, calibration leaves it, and its bits are not a choice (`fixed_bits`)."""
+  name = "pixel"
+  fixed_bits = True
+  internal = True
+  pixels = True
+  tracks_oscillations = False
+
+  def variables(self, spec, bits):
+    if spec.grid is None or spec.is_weight:
+      raise ValueError(f"{spec.name}: the pixel grid quantizes a model input and needs its "
+                       "(scale, zero point)")
+    scale, zero_point = spec.grid
+    return {"bits": QState(jnp.float32(8)), "scale": QState(jnp.float32(scale)),
+            "zero_point": QState(jnp.float32(zero_point))}
+
+  def forward(self, q, x, train):
+    return core.fake_quant(x, q.scale.value, q.zero_point.value, 8, signed=False)
+
+  def integer_grid(self, q, x=None):
+    return _grid(q.scale.value, jnp.float32(8), False, False, q.zero_point.value)
+
+  def eval_bits(self, q):
+    return jnp.float32(8)
+
+
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
-    Identity(), STE(), LSQ(), LSQPlus(), Noise(), TQT(), DBits())}
+    Identity(), STE(), LSQ(), LSQPlus(), Noise(), TQT(), DBits(), Pixel())}
 
 
 def get(name: str) -> Estimator:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
+from mpq import graph as graph_lib
 from mpq import models
+from mpq.data.sources import pixel_grid
+from mpq.ops.linear import Linear
+from mpq.ops.registry import KINDS
 from mpq.quant.layers import LayerQuant, QuantLayers, QuantOptions
 from mpq.quant.quantizer import quantizers
 from mpq.quant.rules import resolve
@@ -23,11 +29,27 @@ def resolve_table(config, num_classes: int, image_shape) -> dict[str, LayerQuant
   """The per-layer settings of `config.quant` for `config.model`."""
   float_model = models.build(config.model, num_classes, image_shape, seed=config.seed,
                              **config.model_kwargs.to_dict())
-  kinds = {p: layer.kind for p, layer in models.layer_table(float_model).items()}
+  layers = models.layer_table(float_model)
+  kinds = {p: layer.kind for p, layer in layers.items()}
   qc = config.quant
-  return resolve(kinds, list(qc.rules), {"w_bits": qc.w_bits, "a_bits": qc.a_bits,
-                                         "estimator": qc.estimator,
-                                         "a_per_channel": bool(qc.get("a_per_channel", False))})
+  table = resolve(kinds, list(qc.rules), {"w_bits": qc.w_bits, "a_bits": qc.a_bits,
+                                          "estimator": qc.estimator,
+                                          "a_per_channel": bool(qc.get("a_per_channel", False))})
+  if config.get("input_norm", "pixel") == "pixel":
+    grid = pixel_grid(config.dataset, image_shape[-1])
+    for path in input_layers(float_model, layers, image_shape):
+      table[path] = dataclasses.replace(table[path], a_bits=8.0, input_grid=grid)
+  return table
+
+
+def input_layers(model, layers: dict, image_shape) -> list[str]:
+  """Paths of the dense/conv layers that read the model input (their input quantizer is the pixel
+  grid with `input_norm='pixel'`)."""
+  path_of = {id(layer): p for p, layer in layers.items()}
+  graph = graph_lib.capture(model, image_shape)
+  return [path_of[id(n.layer)] for n in graph.nodes
+          if n.inputs[:1] == ("input",) and isinstance(KINDS.get(n.kind), Linear)
+          and id(n.layer) in path_of]
 
 
 def build(config, num_classes: int, image_shape, bypass: bool = False):

@@ -34,7 +34,7 @@ from mpq.quant import methods
 from mpq.quant.oscillation import Oscillation
 from mpq.quant.variables import QParam, QState  # noqa: F401  (re-exported)
 
-ESTIMATORS = tuple(methods.ESTIMATORS)  # the registry's names
+ESTIMATORS = tuple(n for n, e in methods.ESTIMATORS.items() if not e.internal)  # rule choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +54,13 @@ class Quantizer(nnx.Module):
                channels: int = 1, ndim: int = 4, ema_decay: float = 0.99, noise_lambda0: float = 0.0,
                noise_tau: float = 1000.0, noise_rng: str = "hash", bypass: bool = False,
                kernel_shape=None, oscillation: Oscillation = Oscillation(),
-               act_channels: int | None = None):
+               act_channels: int | None = None, grid: tuple | None = None):
     method = methods.get(estimator)
     if noise_rng not in est.NOISE_RNGS:
       raise ValueError(f"unknown noise_rng {noise_rng!r}; use one of {est.NOISE_RNGS}")
     self.name, self.role, self.estimator = name, role, estimator
     self.bypass = bypass  # identity forward, same variables (evaluate a QAT checkpoint in float)
-    self.signed = bool(signed) or role == "weight"
+    self.signed = (bool(signed) or role == "weight") and grid is None
     if role == "weight":
       shape = core.channel_shape(ndim, -1, channels)
     else:  # per tensor, or one scale per input channel (the last axis)
@@ -68,7 +68,7 @@ class Quantizer(nnx.Module):
     self.shape = shape
     self.spec = methods.Spec(name, role, self.signed, shape, ema_decay=ema_decay,
                              noise_lambda0=noise_lambda0, noise_tau=noise_tau, noise_rng=noise_rng,
-                             seed=zlib.crc32(f"{name}/{role}".encode()) & 0x7FFFFFFF)
+                             grid=grid, seed=zlib.crc32(f"{name}/{role}".encode()) & 0x7FFFFFFF)
     self.method = method
     for k, v in method.variables(self.spec, bits).items():
       setattr(self, k, v)
@@ -161,10 +161,10 @@ def hooks(model: nnx.Module, *, observe: Callable | None = None, tap: Callable |
 
 def set_bits(model: nnx.Module, bits: dict[str, dict[str, float]]) -> None:
   """Assigns new bitwidths in place: `{layer_path: {"w_bits": b, "a_bits": b}}` (no recompilation:
-  only array values change)."""
+  only array values change). A fixed grid (the pixel grid of the input) keeps its bits."""
   for layer, q in quantizers(model):
     key = "w_bits" if q.role == "weight" else "a_bits"
-    if layer in bits and key in bits[layer]:
+    if layer in bits and key in bits[layer] and not q.method.fixed_bits:
       q.bits.value = jnp.asarray(bits[layer][key], jnp.float32)
 
 

@@ -49,7 +49,7 @@ def compile_count() -> int:
 
 def load_data(config) -> data_lib.Dataset:
   return data_lib.load(config.dataset, config.data_dir or None, config.num_train_examples or None,
-                       config.num_test_examples or None)
+                       config.num_test_examples or None, config.input_norm)
 
 
 def num_steps(config, num_train: int) -> tuple[int, int]:

@@ -1,0 +1,326 @@
+"""The `tflite` export target: a .tflite file that LiteRT runs, and the mpq manifest of the same
+integer model, which mpq's executor runs with LiteRT's arithmetic.
+
+What the target decides (`mpq.export.targets.Target`):
+  multipliers   derived as LiteRT derives them from the float32 scales in the file (Prepare of
+                CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED): per output channel
+                `QuantizeMultiplier(double(f32 s_in) * double(f32 s_w,c) / double(f32 s_out))`,
+                whatever mpq's own rule would choose (`requantizer`)
+  rules         each requantization takes the rule of the kernel that performs it in the kernel
+                family (`REQUANT_RULES`, measured against LiteRT: `mpq.export.litert_rules`,
+                tests/test_requant_rules.py); the manifest is written for `litert-ref`
+  input         the uint8 image (`pixel_input`: the first quantizer must be the pixel grid), shape
+                [batch, H, W, C] with a dynamic batch, then QUANTIZE uint8 -> int8 (exact: equal
+                scales, zero point - 128)
+  output        int8 logits on a calibrated per-tensor grid (`int8_output`; FULLY_CONNECTED cannot
+                output int32); argmax ties go to the lowest index
+
+The .tflite graph is written from the validated manifest (`to_tflite`): every IR op lowers itself
+(`IROp.tflite(op, writer)`, in `mpq.ops`) through the `Writer` below, which holds what they share:
+the tensors of the file, the int8 storage of integer grids (a grid of [0, 255] is stored as
+int8 with every value and the zero point minus 128; signed grids as they are), and the fusion of
+a requantization's clamp into the producing op's fused activation. An op or a clamp that the
+target cannot express is an ExportError naming the layer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from mpq.fixedpoint import quantize_multiplier
+
+FILE = "model.tflite"
+FAMILY = "litert-ref"  # the kernel family whose rules the manifest records
+
+FAMILIES = ("litert-ref", "litert-ruy", "litert-auto")
+
+# (TFLite op, kernel family) -> the requantize rule (`mpq.ops.io.REQUANT_RULES`) of the kernel
+# that requantizes its accumulator. `litert-auto` has two entries: `litert-auto` where XNNPACK
+# takes the op (`mpq.export.litert_rules.xnnpack_takes`), `litert-auto/builtin` where it does not
+# (the optimized kernels, as `litert-ruy`). Measured against LiteRT 2.3.0 on exported models
+# (tests/test_tflite_target.py) and on single ops (tests/test_requant_rules.py).
+REQUANT_RULES = {
+    ("CONV_2D", "litert-ref"): "double",
+    ("CONV_2D", "litert-ruy"): "double_up",
+    ("CONV_2D", "litert-auto"): "float32_even",
+    ("CONV_2D", "litert-auto/builtin"): "double_up",
+    ("FULLY_CONNECTED", "litert-ref"): "single_away",
+    ("FULLY_CONNECTED", "litert-ruy"): "double_up",
+    ("FULLY_CONNECTED", "litert-auto"): "float32_even",
+    ("FULLY_CONNECTED", "litert-auto/builtin"): "double_up",
+    ("DEPTHWISE_CONV_2D", "litert-ref"): "double",
+}
+
+
+def f32(x) -> float:
+  return float(np.float32(x))
+
+
+def multipliers(s_in: float, s_w, s_out: float) -> list[tuple[int, int]]:
+  """LiteRT's (M0, shift) per output channel: `QuantizeMultiplier(double(f32 s_in) *
+  double(f32 s_w,c) / double(f32 s_out))` (kernel_util.cc PopulateConvolutionQuantizationParams)."""
+  return [quantize_multiplier(f32(s_in) * f32(w) / f32(s_out)) for w in np.ravel(s_w)]
+
+
+def requantizer(acc, s_out: float, out_max: float, family: str = FAMILY):
+  """The `requantize` op's rule and tensors for accumulator `acc` (a dense/conv layer's) onto a
+  grid of scale `s_out`, as LiteRT computes it in `family`."""
+  from mpq import ops  # pylint: disable=g-import-not-at-top
+  from mpq.export.targets import fixed_point  # pylint: disable=g-import-not-at-top
+  del out_max
+  producer = acc.producer or {}
+  kind = ops.ir_op(producer["op"]).tflite_op(producer) if "op" in producer else None
+  if acc.factors is None or kind is None:
+    what = producer.get("op", "this op")
+    raise ValueError(f"the tflite target has no lowering yet for the output of {what!r} "
+                     "(it exports conv, depthwise conv, dense, ReLU/ReLU6 and max pooling); "
+                     "export with --target=mpq")
+  s_in, s_w = acc.factors
+  return _rule(kind, family, producer), fixed_point(multipliers(s_in, s_w, s_out),
+                                                           np.shape(acc.scale))
+
+
+def weight_dtype(op: dict) -> str:
+  """The .tflite storage type of a conv/dense IR op's weights: `INT4` for 3-4 bits on CONV_2D and
+  FULLY_CONNECTED, `INT2` for 2 bits on FULLY_CONNECTED (CONV_2D rejects INT2: INT4), int8
+  otherwise (depthwise convs, 5-8 bits)."""
+  from mpq import ops  # pylint: disable=g-import-not-at-top
+  kind, bits = ops.ir_op(op["op"]).tflite_op(op), op["w_bits"]
+  if kind == "FULLY_CONNECTED" and bits <= 2:
+    return "int2"
+  if kind in ("CONV_2D", "FULLY_CONNECTED") and bits <= 4:
+    return "int4"
+  return "int8"
+
+
+def _rule(kind: str, family: str, op: dict) -> str:
+  """The requantize rule of TFLite op `kind` (from IR op `op`) in `family`, or a ValueError."""
+  key = family
+  if family == "litert-auto":
+    from mpq.export.litert_rules import xnnpack_takes  # pylint: disable=g-import-not-at-top
+    k = op["weight_shape"][0] if op["op"] == "dense" else None
+    if not xnnpack_takes(kind, weights=weight_dtype(op), k=k):
+      key = "litert-auto/builtin"
+  if (kind, key) not in REQUANT_RULES:
+    raise ValueError(f"the requantization of {kind} in {family} has not been measured against "
+                     "LiteRT yet, so it cannot be emulated")
+  return REQUANT_RULES[(kind, key)]
+
+
+def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
+  """(manifest, tensors) of a `tflite` export with the rules of LiteRT kernel family `family`:
+  each requantization that a kernel performs takes that kernel's rule (`REQUANT_RULES`), with the
+  multipliers LiteRT derives (the manifest's: the same for every fixed-point rule) or, for
+  XNNPACK's float32 rule, the float32 scale `f32(f32(s_in s_w,c) / s_out)` it computes. The
+  returned copies run in mpq's executor (`mpq.intexec.build`) as the family runs the file."""
+  from mpq import ops  # pylint: disable=g-import-not-at-top
+  from mpq.export.exporter import ExportError  # pylint: disable=g-import-not-at-top
+  if family not in FAMILIES:
+    raise ExportError(f"unknown LiteRT kernel family {family!r}; use one of {', '.join(FAMILIES)}")
+  producer = {op["output"]: op for op in manifest["ops"]}
+  new_ops, tensors = [], dict(tensors)
+  for op in manifest["ops"]:
+    src = producer.get(op.get("input")) if op["op"] == "requantize" else None
+    kind = ops.ir_op(src["op"]).tflite_op(src) if src is not None else None
+    if kind is None:
+      new_ops.append(op)
+      continue
+    try:
+      rule = _rule(kind, family, src)
+    except ValueError as e:
+      raise ExportError(f"op {op['name']!r}: {e}") from None
+    op = {k: v for k, v in op.items() if k not in ("multiplier", "shift", "scale", "rule")}
+    op["rule"] = rule
+    if rule == "float32_even":
+      s_w = np.asarray(src["weight_scale"], np.float32)
+      scale = (np.float32(src["input_scale"]) * s_w).astype(np.float32) / np.float32(
+          op["output_scale"])
+      tensors[f"{op['name']}/scale"] = np.asarray(scale, np.float32).reshape(-1)
+      op["scale"] = f"{op['name']}/scale"
+    else:
+      pairs = multipliers(src["input_scale"], src["weight_scale"], op["output_scale"])
+      tensors[f"{op['name']}/multiplier"] = np.asarray([p[0] for p in pairs], np.int32)
+      tensors[f"{op['name']}/shift"] = np.asarray([p[1] for p in pairs], np.int32)
+      op["multiplier"], op["shift"] = f"{op['name']}/multiplier", f"{op['name']}/shift"
+    new_ops.append(op)
+  return dict(manifest, ops=new_ops, family=family), tensors
+
+
+def run_litert(model_dir: str, family: str, images: np.ndarray, batch_size: int = 500,
+               num_threads: int = 1) -> np.ndarray:
+  """The output of `model_dir/model.tflite` run by LiteRT with `family`'s kernels on uint8
+  `images` [N, H, W, C], in batches (the input's batch dimension is dynamic)."""
+  from mpq.export import tflite_builder as tb  # pylint: disable=g-import-not-at-top
+  from mpq.export.exporter import ExportError  # pylint: disable=g-import-not-at-top
+  path = os.path.join(model_dir, FILE)
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise ExportError(f"{model_dir} holds no {FILE}; export with --target=tflite") from None
+  except OSError as e:
+    raise ExportError(f"cannot read {path}: {e.strerror or e}") from None
+  try:
+    interp = tb.interpreter(data, family, num_threads)
+  except (ValueError, RuntimeError) as e:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    raise ExportError(f"{path} is not a valid .tflite model ({text}); re-export it") from None
+  index = interp.get_input_details()[0]["index"]
+  outs, size = [], None
+  for i in range(0, len(images), batch_size):
+    chunk = np.ascontiguousarray(images[i:i + batch_size], np.uint8)
+    if chunk.shape[0] != size:
+      interp.resize_tensor_input(index, list(chunk.shape))
+      interp.allocate_tensors()
+      size = chunk.shape[0]
+    outs.append(tb.invoke(interp, [chunk])[0])
+  return np.concatenate(outs)
+
+
+class Writer:
+  """The state shared while IR ops lower themselves into a .tflite graph (see the module
+  docstring): `builder` (`mpq.export.tflite_builder.TFLiteBuilder`), the validated `manifest` and
+  `tensors` (unpacked), each IR tensor's shape at batch 1 (`shapes`) and, once written, its
+  .tflite tensor index (`ids`) and int8 storage offset (`offsets`)."""
+
+  def __init__(self, builder, manifest: dict, tensors: dict, shapes: dict):
+    self.builder, self.manifest, self.tensors, self.shapes = builder, manifest, tensors, shapes
+    self.ids: dict[str, int] = {}
+    self.offsets: dict[str, int] = {}
+    self.consumers: dict[str, list[dict]] = {}
+    self.fused: set[str] = set()  # names of requantize ops lowered with their producer
+    self.outputs: list[int] = []
+    from mpq import ops  # pylint: disable=g-import-not-at-top
+    self._ops = ops
+    for op in manifest["ops"]:
+      for t in ops.ir_op(op["op"]).inputs(op):
+        self.consumers.setdefault(t, []).append(op)
+
+  weight_dtype = staticmethod(weight_dtype)
+
+  def fail(self, op: dict, reason: str):
+    from mpq.export.exporter import ExportError  # pylint: disable=g-import-not-at-top
+    raise ExportError(f"op {op['name']!r} ({op['op']}): {reason}")
+
+  @staticmethod
+  def signature(shape) -> list[int]:
+    return [-1, *shape[1:]]
+
+  # -- integer grid tensors
+  @staticmethod
+  def storage_offset(lo: int, hi: int) -> int | None:
+    """What int8 storage adds to the integers of a grid tensor whose values lie in [lo, hi]:
+    `127 - hi`, so the grid's top is int8's top and a fused activation (which clamps at 127)
+    enforces it (shared/DEPLOY.md's construction for grids below 8 bits; an unsigned 8-bit grid
+    moves by -128, a signed one stays). None where [lo, hi] spans more than int8 holds."""
+    return 127 - hi if hi - lo <= 255 else None
+
+  def grid_tensor(self, name: str, scale: float, zero_point: int, lo: int, hi: int, op: dict) -> int:
+    """A new int8 activation tensor for IR grid tensor `name` (integers in [lo, hi], zero point
+    `zero_point` on the IR grid); returns its index."""
+    off = self.storage_offset(lo, hi)
+    if off is None:
+      self.fail(op, f"its output grid [{lo}, {hi}] does not fit int8 storage; the tflite target "
+                "takes activations of at most 8 bits")
+    shape = self.shapes[name]
+    self.ids[name] = self.builder.add_tensor(name, shape, "int8", scale=f32(scale),
+                                             zero_point=zero_point + off,
+                                             signature=self.signature(shape))
+    self.offsets[name] = off
+    return self.ids[name]
+
+  def alias(self, name: str, like: str, shape=None) -> int:
+    """A new tensor for IR tensor `name` with the quantization of IR tensor `like` (pooling,
+    reshape); `shape` defaults to `name`'s."""
+    src = self.builder.tensors[self.ids[like]]
+    shape = self.shapes[name] if shape is None else shape
+    q = src.quantization
+    idx = self.builder.add_tensor(name, shape, "int8", scale=q.scale, zero_point=q.zeroPoint,
+                                  signature=self.signature(shape))
+    self.ids[name], self.offsets[name] = idx, self.offsets[like]
+    return idx
+
+  def grid(self, op: dict, name: str) -> tuple[int, int]:
+    """(tensor index, storage offset) of an IR grid tensor already written (an op's input)."""
+    if name not in self.ids:
+      self.fail(op, f"its input {name!r} is not an int8 tensor of the .tflite graph (an int32 "
+                "accumulator); the tflite target has no lowering for this graph yet")
+    return self.ids[name], self.offsets[name]
+
+  # -- a producer's requantization
+  def requantize_of(self, op: dict) -> dict:
+    """The `requantize` op that alone consumes `op`'s int32 output (fused into the .tflite op that
+    `op` becomes: the kernel requantizes its accumulator itself); marked as lowered."""
+    users = self.consumers.get(op["output"], [])
+    if len(users) != 1 or users[0]["op"] != "requantize":
+      self.fail(op, "its int32 output must feed exactly one requantize op (a .tflite "
+                f"{self._ops.ir_op(op['op']).tflite_op(op) or 'op'} outputs int8); got "
+                f"{', '.join(u['op'] for u in users) or 'none'}")
+    self.fused.add(users[0]["name"])
+    return users[0]
+
+  def fused_output(self, r: dict) -> tuple[int, str]:
+    """(output tensor index, fused activation name) of requantize op `r` written as a kernel's
+    output. Stored at offset `127 - hi` (`storage_offset`), the clamp's top is int8's; its bottom
+    must be int8's too (fused NONE) or the zero point (fused RELU, which clamps at it): every
+    unsigned grid after a ReLU (any bits), every full signed 8-bit grid. A signed grid below 8 bits
+    needs two more ops (a later step)."""
+    lo, hi = r["clamp"]
+    z = r["zero_point"]
+    off = self.storage_offset(lo, hi)
+    s = r.get("output_scale")
+    if s is None:
+      self.fail(r, "has no output_scale (re-export the model)")
+    if off is not None and lo + off == -128:
+      act = "NONE"
+    elif off is not None and lo == z:
+      act = "RELU"
+    else:
+      self.fail(r, f"its clamp [{lo}, {hi}] (zero point {z}, {r['bits']} bits) is not expressed "
+                "by an int8 tensor's fused activation: the tflite target takes grids whose range "
+                "starts at the zero point (after a ReLU) or spans 256 values; signed grids below "
+                "8 bits are not exported to tflite yet")
+    return self.grid_tensor(r["output"], s, z, lo, hi, r), act
+
+  def run(self) -> bytes:
+    for op in self.manifest["ops"]:
+      if op["op"] == "requantize" and op["name"] in self.fused:
+        continue
+      self._ops.ir_op(op["op"]).tflite(op, self)
+    inputs = [self.ids["input"]]
+    self.builder.set_io(inputs, self.outputs)
+    return self.builder.finish()
+
+
+def to_tflite(manifest: dict, tensors: dict) -> bytes:
+  """The .tflite model (bytes) of a validated manifest and its unpacked tensors."""
+  from mpq.export import exporter  # pylint: disable=g-import-not-at-top
+  from mpq.export.tflite_builder import TFLiteBuilder  # pylint: disable=g-import-not-at-top
+  shapes = exporter.tensor_shapes(manifest, tensors)
+  return Writer(TFLiteBuilder(description=f"mpq {manifest.get('target', 'tflite')}"), manifest,
+                tensors, shapes).run()
+
+
+def _write(out_dir: str, manifest: dict, tensors: dict) -> None:
+  """`out_dir/model.tflite` and the mpq manifest of the same model (`manifest.json`,
+  `weights.npz`), which is written first and validated (`load`) before the .tflite is built."""
+  from mpq.export import exporter, targets  # pylint: disable=g-import-not-at-top
+  targets.write_mpq(out_dir, manifest, tensors)
+  loaded, unpacked = exporter.load(out_dir)
+  data = to_tflite(loaded, unpacked)
+  with open(os.path.join(out_dir, FILE), "wb") as f:
+    f.write(data)
+
+
+def _register():
+  from mpq.export import targets  # pylint: disable=g-import-not-at-top
+  from mpq.fixedpoint import requant_multiplier  # pylint: disable=g-import-not-at-top
+  targets.register(targets.Target(
+      "tflite", _write, ("manifest.json", "weights.npz", FILE), requant_multiplier,
+      {"*": "half_up"}, requantizer, int8_output=True, pixel_input=True, emulations=FAMILIES,
+      emulate=emulate, runtimes=FAMILIES, run=run_litert))
+
+
+_register()

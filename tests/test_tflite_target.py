@@ -1,0 +1,180 @@
+"""The tflite export target against LiteRT itself: for each kernel family, the exported .tflite run
+by LiteRT gives exactly the outputs that mpq's executor computes when it emulates that family
+(`mpq.export.tflite_target.emulate`): 0 mismatching int8 logits. Also the file's interface (uint8
+image in, int8 logits out, dynamic batch) and the one-line errors of what it cannot express."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import calibrated_model, run_cli, snapshot
+from mpq import data as data_lib, export
+from mpq.export import tflite_builder as tb, tflite_target
+from mpq.export.evaluate import executor_outputs
+from mpq.export.exporter import ExportError
+
+NUM_IMAGES = 512
+
+# (estimator, w_bits, a_bits, rules). Weights of 3-4 bits are INT4 tensors (CONV_2D,
+# FULLY_CONNECTED), of 2 bits INT2 (FULLY_CONNECTED) or INT4 (CONV_2D); activations below 8 bits
+# are int8 tensors whose grid top is int8's top (`Writer.storage_offset`).
+CASES = {
+    "w8a8_lsq": ("lsq", 8, 8, ()),
+    "w4a4_tqt": ("tqt", 4, 4, ()),  # power-of-two scales: exact ties in every requantization
+    "w2a2_lsq": ("lsq", 2, 2, ()),
+    "w3a3_ste": ("ste", 3, 3, ()),  # affine activation grids with zero points
+    "mixed": ("lsq", 8, 8, (("conv1", {"w_bits": 3, "estimator": "ste"}),
+                            ("conv2", {"w_bits": 5, "a_bits": 7, "estimator": "tqt"}),
+                            ("conv3", {"w_bits": 2, "a_bits": 3, "estimator": "lsq"}),
+                            ("fc1", {"w_bits": 7, "a_bits": 5, "estimator": "noise"}),
+                            ("head", {"w_bits": 4, "a_bits": 2, "estimator": "dbits"}))),
+}
+
+
+def _pixels(n=NUM_IMAGES):
+  ds = data_lib.load("fashion_mnist", None, 1, n)
+  return next(data_lib.eval_batches(ds, n))
+
+
+def _export(out, estimator, w_bits, a_bits, rules):
+  model, _, shape = calibrated_model("cnn", {"width": 0.25}, estimator, w_bits, a_bits, rules)
+  calib = next(data_lib.eval_batches(data_lib.load("fashion_mnist", None, 512, 1), 512,
+                                     split="train"))["image"]
+  export.export(model, shape, str(out), target="tflite", calibration=calib)
+  return model
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def exported(request, tmp_path_factory):
+  out = tmp_path_factory.mktemp(request.param) / "tfl"
+  model = _export(out, *CASES[request.param])
+  manifest, tensors = export.load(str(out))
+  return request.param, out, model, manifest, tensors
+
+
+@pytest.mark.parametrize("family", tflite_target.FAMILIES)
+def test_litert_runs_the_export_as_mpq_emulates_it(exported, family):
+  name, out, _, manifest, tensors = exported
+  images = _pixels()["pixels"]
+  got = tflite_target.run_litert(str(out), family, images)
+  m, t = tflite_target.emulate(manifest, tensors, family)
+  want = executor_outputs(m, t, images)
+  assert got.dtype == np.int8 and got.shape == (NUM_IMAGES, 10)
+  assert int(np.sum(got != want)) == 0, f"{name} {family}: {np.sum(got != want)} outputs differ"
+
+
+def test_the_families_differ_so_the_emulation_matters(exported):
+  """The families' rules give different int8 logits on these models (XNNPACK's float32 rounding
+  where it takes an op, ruy's ties toward +inf): comparing with another family's emulation, or
+  with mpq's own target, would fail."""
+  name, out, _, manifest, tensors = exported
+  images = _pixels()["pixels"]
+  outs = {f: executor_outputs(*tflite_target.emulate(manifest, tensors, f), images)
+          for f in tflite_target.FAMILIES}
+  assert np.sum(outs["litert-ref"] != outs["litert-auto"]) + np.sum(
+      outs["litert-ref"] != outs["litert-ruy"]) > 0, name
+
+
+def test_file_interface_and_delegation(exported):
+  """uint8 NHWC image in (the pixel grid: scale 1/(255 std), zero point round(255 mean)), int8
+  logits out, the batch dynamic; XNNPACK (`litert-auto`) takes every op but the uint8 QUANTIZE."""
+  _, out, _, manifest, _ = exported
+  data = open(os.path.join(out, "model.tflite"), "rb").read()
+  interp = tb.interpreter(data, "litert-ref")
+  (inp,), (outp,) = interp.get_input_details(), interp.get_output_details()
+  assert inp["dtype"] == np.uint8 and list(inp["shape_signature"]) == [-1, 28, 28, 1]
+  scale, zero_point = data_lib.sources.pixel_grid("fashion_mnist", 1)
+  assert inp["quantization"] == (pytest.approx(scale), zero_point) and zero_point == 73
+  assert outp["dtype"] == np.int8 and list(outp["shape_signature"]) == [-1, 10]
+  assert outp["quantization"][0] == pytest.approx(manifest["ops"][-1]["scale"][0])
+  assert outp["quantization"][1] == manifest["ops"][-1]["zero_point"]
+  taken, left = tb.delegated_ops(data, "litert-auto")
+  weights = {op["name"]: op["w_bits"] for op in manifest["ops"] if "w_bits" in op}
+  int4_convs = sum(1 for k, b in weights.items() if k.startswith("conv") and b <= 4)
+  assert left == ["QUANTIZE"] + ["CONV_2D"] * int4_convs  # XNNPACK takes no INT4 conv
+  assert taken.count("CONV_2D") == 3 - int4_convs
+  assert manifest["target"] == "tflite"
+  assert sorted(os.listdir(out)) == ["manifest.json", "model.tflite", "weights.npz"]
+
+
+def test_int8_logits_track_the_fake_quant_model(exported):
+  """At 8-bit activations the int8 logits (litert-ref) differ from the fake-quant model only by
+  the output grid's rounding and LiteRT's multipliers: top-1 agrees on at least 97% of the images
+  (calibrated, untrained models, whose logits lie close together). Below 8 bits LiteRT's double
+  rounding moves many values by an LSB (see the README), so no such bound holds there."""
+  import jax.numpy as jnp
+  name, _, model, manifest, tensors = exported
+  if name != "w8a8_lsq":
+    return
+  batch = _pixels()
+  q = executor_outputs(manifest, tensors, batch["pixels"]).astype(np.float64)
+  last = manifest["ops"][-1]
+  fq = np.asarray(model(jnp.asarray(batch["image"]), train=False), np.float64)
+  lsb = np.abs(fq / last["scale"][0] + last["zero_point"] - q)
+  assert np.mean(fq.argmax(-1) == q.argmax(-1)) >= 0.97, (name, lsb.max())
+
+
+def test_what_tflite_cannot_express_is_refused_with_one_line(tmp_path):
+  """Residual additions (resnet20), and a signed activation grid below 8 bits (whose two ends no
+  fused activation clamps), are export errors naming the op; nothing is written."""
+  from mpq.export.tflite_builder import TFLiteBuilder
+  model, _, shape = calibrated_model("resnet20", {"width": 8}, "lsq", 8, 8)
+  out = tmp_path / "tfl"
+  with pytest.raises(ExportError, match=r"no lowering yet for the output of 'add'"):
+    export.export(model, shape, str(out), target="tflite", calibration=_pixels(64)["image"])
+  assert not out.exists()
+  r = {"op": "requantize", "name": "a->b", "output": "t", "clamp": [-8, 7], "zero_point": 0,
+       "bits": 4, "output_scale": 0.5}
+  w = tflite_target.Writer(TFLiteBuilder(), {"ops": []}, {}, {"t": (1, 4)})
+  with pytest.raises(ExportError, match=r"op 'a->b' \(requantize\): its clamp \[-8, 7\].*signed "
+                     "grids below 8 bits"):
+    w.fused_output(r)
+  assert w.fused_output(dict(r, clamp=[0, 7]))[1] == "RELU"  # a 3-bit grid after a ReLU
+  assert w.offsets["t"] == 120
+
+
+def test_a_model_without_the_pixel_grid_is_refused(tmp_path):
+  from configs import tiny
+  from mpq.quant import calibration, model as quant_model
+  c = tiny.get_config()
+  c.quant.enabled, c.input_norm = True, "channel"
+  ds = data_lib.load(c.dataset, None, 256, 1, "channel")
+  model, _ = quant_model.build(c, ds.num_classes, ds.image_shape)
+  x = next(data_lib.eval_batches(ds, 256, split="train"))["image"]
+  calibration.calibrate(model, [x], act_method="max", weight_method="max")
+  with pytest.raises(ExportError, match=r"conv1: export target 'tflite' takes the uint8 image.*"
+                     r"input_norm=pixel"):
+    export.export(model, ds.image_shape, str(tmp_path / "tfl"), target="tflite", calibration=x)
+  assert not (tmp_path / "tfl").exists()
+
+
+def test_corrupt_or_missing_tflite_is_a_clear_error(exported, tmp_path):
+  _, out, _, _, _ = exported
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  for f in ("manifest.json", "weights.npz"):
+    (bad / f).write_bytes((out / f).read_bytes())
+  with pytest.raises(ExportError, match="holds no model.tflite"):
+    tflite_target.run_litert(str(bad), "litert-ref", _pixels(4)["pixels"])
+  (bad / "model.tflite").write_bytes((out / "model.tflite").read_bytes()[:300])
+  with pytest.raises(ExportError, match="is not a valid .tflite model"):
+    tflite_target.run_litert(str(bad), "litert-ref", _pixels(4)["pixels"])
+
+
+def test_pixel_grid_holds_every_pixel_exactly():
+  """For every dataset with recorded statistics (and the default ones), normalised pixels
+  `(p - z) s` quantize back to `p` exactly, and the pixel quantizer passes them unchanged."""
+  import jax.numpy as jnp
+  from mpq.quant.quantizer import Quantizer
+  p = np.arange(256, dtype=np.uint8)
+  for name in [*data_lib.sources.STATS, "tfds:unknown"]:
+    for c in (1, 3):
+      s, z = data_lib.sources.pixel_grid(name, c)
+      x = (p.astype(np.float32) - np.float32(z)) * np.float32(s)
+      np.testing.assert_array_equal(np.floor(x / np.float32(s) + np.float32(0.5)) + z, p)
+      q = Quantizer("conv1", "act", "pixel", 4.0, grid=(s, z))  # bits: its own
+      np.testing.assert_array_equal(np.asarray(q(jnp.asarray(x))), x)
+      g = q.integer_grid()
+      assert (float(g["scale"]), int(g["zero_point"]), int(g["bits"]), g["signed"]) == (
+          pytest.approx(s), z, 8, False)
