@@ -50,6 +50,10 @@ flags.DEFINE_string("runtime", None, "Run the exported file in a real runtime (l
 flags.DEFINE_integer("num_examples", None, "Evaluate the first N test images only.")
 flags.DEFINE_string("save_outputs", None, "--mode=int / --runtime: write images (what the file "
                     "takes), outputs (what it produces) and labels to this .npz, in test order.")
+flags.DEFINE_enum("tflite_weights", None, ["compact", "exact"], "--target=tflite: compact "
+                  "(default: weights of 2-4 bits as INT2/INT4 tensors) or exact (int8 weights "
+                  "scaled by 2^k so that LiteRT's fixed-point requantization rounds more exactly; "
+                  "see the README).")
 flags.DEFINE_integer("calib_examples", 1000, "--export to a target with int8 logits: training "
                      "images that calibrate the output grid.")
 
@@ -105,6 +109,8 @@ def _check_outputs(F):
       raise UserError(f"--{flag}={name} is unknown; use one of {', '.join(known)}")
   if F.target != "mpq" and not F.export:
     raise UserError(f"--target={F.target} names the format of an export: use it with --export=OUT")
+  if F.tflite_weights and F.target != "tflite":
+    raise UserError("--tflite_weights is an option of --target=tflite")
   if F.save_outputs and F.mode != "int" and not F.runtime and not F.model:
     raise UserError("--save_outputs writes what an exported model produces: use it with "
                     "--mode=int or --runtime")
@@ -161,7 +167,8 @@ def _integer(F):
                    "num_test_examples": config.num_test_examples, "model": config.model,
                    "input_norm": config.input_norm,
                    "workdir": os.path.abspath(F.workdir), "step": step, "ptq": _ptq(F)},
-                  target=F.target, calibration=calib)
+                  target=F.target, calibration=calib,
+                  options={"weights": F.tflite_weights} if F.tflite_weights else None)
     manifest, tensors = export.load(model_dir)
     result["step"] = step
     print(f"exported the integer model to {model_dir}")

@@ -19,10 +19,12 @@ NUM_IMAGES = 512
 # (estimator, w_bits, a_bits, rules). Weights of 3-4 bits are INT4 tensors (CONV_2D,
 # FULLY_CONNECTED), of 2 bits INT2 (FULLY_CONNECTED) or INT4 (CONV_2D); activations below 8 bits
 # are int8 tensors whose grid top is int8's top (`Writer.storage_offset`).
+# "exact": weights='exact' (int8 weights scaled by 2^k, `tflite_target.weight_layout`).
 CASES = {
     "w8a8_lsq": ("lsq", 8, 8, ()),
     "w4a4_tqt": ("tqt", 4, 4, ()),  # power-of-two scales: exact ties in every requantization
     "w2a2_lsq": ("lsq", 2, 2, ()),
+    "w2a2_lsq_exact": ("lsq", 2, 2, ()),
     "w3a3_ste": ("ste", 3, 3, ()),  # affine activation grids with zero points
     "mixed": ("lsq", 8, 8, (("conv1", {"w_bits": 3, "estimator": "ste"}),
                             ("conv2", {"w_bits": 5, "a_bits": 7, "estimator": "tqt"}),
@@ -37,18 +39,19 @@ def _pixels(n=NUM_IMAGES):
   return next(data_lib.eval_batches(ds, n))
 
 
-def _export(out, estimator, w_bits, a_bits, rules):
+def _export(out, estimator, w_bits, a_bits, rules, options=None):
   model, _, shape = calibrated_model("cnn", {"width": 0.25}, estimator, w_bits, a_bits, rules)
   calib = next(data_lib.eval_batches(data_lib.load("fashion_mnist", None, 512, 1), 512,
                                      split="train"))["image"]
-  export.export(model, shape, str(out), target="tflite", calibration=calib)
+  export.export(model, shape, str(out), target="tflite", calibration=calib, options=options)
   return model
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request, tmp_path_factory):
   out = tmp_path_factory.mktemp(request.param) / "tfl"
-  model = _export(out, *CASES[request.param])
+  options = {"weights": "exact"} if request.param.endswith("_exact") else None
+  model = _export(out, *CASES[request.param], options=options)
   manifest, tensors = export.load(str(out))
   return request.param, out, model, manifest, tensors
 
@@ -113,6 +116,28 @@ def test_int8_logits_track_the_fake_quant_model(exported):
   fq = np.asarray(model(jnp.asarray(batch["image"]), train=False), np.float64)
   lsb = np.abs(fq / last["scale"][0] + last["zero_point"] - q)
   assert np.mean(fq.argmax(-1) == q.argmax(-1)) >= 0.97, (name, lsb.max())
+
+
+def test_exact_weights_make_litert_equal_the_fake_quant_model(exported):
+  """At W2A2 LiteRT's double rounding (SRDHM, then a short rounding shift) moves 10-20% of the
+  layer inputs by one LSB against the fake-quant model; with weights='exact' (2-bit weights
+  stored int8 times 2^6) every layer input equals the fake-quant model's, and only the int8 logits'
+  own rounding differs. Both exports run in LiteRT exactly as emulated (the test above)."""
+  from mpq.export.compare import compare
+  name, _, model, manifest, tensors = exported
+  if not name.startswith("w2a2"):
+    return
+  images = _pixels(256)["image"]
+  rows = compare(model, manifest, tensors, images)
+  layers = {r["layer"]: r["mismatch"] for r in rows}
+  if name.endswith("_exact"):
+    assert all(v == 0 for k, v in layers.items() if k != "logits"), rows
+    assert layers["logits"] < 0.01, rows
+    ops = [op for op in manifest["ops"] if "w_bits" in op]
+    assert all(op["w_bits"] == 8 and op["w_bits_trained"] == 2 and op["weight_shift"] >= 5
+               for op in ops), ops
+  else:
+    assert max(layers["conv3"], layers["fc1"]) > 0.05, rows
 
 
 def test_what_tflite_cannot_express_is_refused_with_one_line(tmp_path):

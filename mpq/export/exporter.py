@@ -56,15 +56,17 @@ def grid(q, tensor=None) -> dict:
 
 
 def export(model, image_shape, out_dir: str, meta: dict | None = None, target: str = "mpq",
-           calibration=None) -> dict:
+           calibration=None, options: dict | None = None) -> dict:
   """Lowers `model` and writes it with `target`'s writer (`mpq`: `out_dir/manifest.json` and
   `out_dir/weights.npz`); returns the manifest. `meta` (e.g. dataset, model, source checkpoint) is
   stored under "source". `calibration`: model inputs (float, normalised) from which a target with
   an int8 output (`Target.int8_output`) calibrates its output grid. `out_dir` is checked first
   (`check_out_dir`: new, empty, or an earlier export, which is replaced as a whole; anything else
   is refused before any work) and written through a temporary sibling directory (`write`), so a
-  failure leaves it as it was."""
+  failure leaves it as it was. `options`: the target's export options (`Target.options`, e.g.
+  tflite's `weights`), checked first."""
   t = targets_lib.get(target)
+  options = t.check_options(options or {})
   check_out_dir(out_dir)
   output_grid = None
   if t.int8_output:
@@ -72,7 +74,7 @@ def export(model, image_shape, out_dir: str, meta: dict | None = None, target: s
       raise ExportError(f"export target {t.name!r} outputs int8 logits, whose grid is calibrated: "
                         "pass calibration images")
     output_grid = calibrate_output(model, calibration)
-  lowering = Lowering(graph_lib.capture(model, image_shape), image_shape, t, output_grid)
+  lowering = Lowering(graph_lib.capture(model, image_shape), image_shape, t, output_grid, options)
   manifest = lowering.run(meta)
   write(out_dir, t, manifest, lowering.tensors)
   return manifest
@@ -253,9 +255,10 @@ class Lowering:
   (an accumulator, `accumulator`) or by a transform (`transform`: ReLU, pooling between an
   accumulator and the next quantizer), lowered when a quantizer consumes it (`to_grid`)."""
 
-  def __init__(self, graph, image_shape, target, output_grid: dict | None = None):
+  def __init__(self, graph, image_shape, target, output_grid: dict | None = None,
+               options: dict | None = None):
     self.graph, self.image_shape, self.target = graph, image_shape, target
-    self.output_grid = output_grid
+    self.output_grid, self.options = output_grid, options or {}
     self.producer: dict[str, tuple] = {"input": ("input",)}
     self.ops, self.tensors, self.input_spec, self._n = [], {}, None, 0
     self.consumer = ""
@@ -292,7 +295,8 @@ class Lowering:
     integers its evaluation uses (`mpq.quant.layers.integer_form`)."""
     g_w = grid(layer.wq, w)  # raises unless the weight grid exists
     _, _, w_int, bias = integer_form(layer.aq, layer.wq, w, layer.wq(w), b)
-    return g_w, np.asarray(w_int, np.int64), np.asarray(bias, np.float64)
+    return self.target.weight_layout(g_w, np.asarray(w_int, np.int64),
+                                     np.asarray(bias, np.float64), self.options)
 
   def accumulator(self, tensor: str, name: str, acc_tensor: str, scale, bound: float,
                   factors: tuple | None = None) -> None:
@@ -410,6 +414,8 @@ class Lowering:
                 "num_classes": int(self.graph.out_shape[-1]), "source": meta or {}, "ops": self.ops}
     if self.target.name != "mpq":
       manifest["target"] = self.target.name
+    if self.options:
+      manifest["target_options"] = dict(self.options)
     return manifest
 
 

@@ -23,6 +23,10 @@ A target (`Target`, registered in `TARGETS` by name) owns
                                       (the first name: the manifest as exported)
   runtimes, run(dir, name, images)    the real runtimes that run its files: the file's output for
                                       `images` (what the file takes: uint8 pixels, or float)
+  options, weight_layout(...)         its export options ({name: (values, default)}), and how a
+                                      dense/conv layer's integer weights are laid out for it
+                                      (weight grid, integer weights, integer bias, options) ->
+                                      the same three, as the IR op holds them
 Entries: mpq's own format, `mpq` (`mpq-int` manifest + weights.npz, half up everywhere,
 `requant_multiplier`: the more faithful of TFLite's normalised double-rounding form and a
 single-rounding form), whose rules the executor's kernels implement; and `tflite`
@@ -57,6 +61,20 @@ class Target:
   emulate: Callable | None = None
   runtimes: tuple[str, ...] = ()
   run: Callable | None = None
+  options: dict = dataclasses.field(default_factory=dict)  # option -> (allowed values, default)
+  weight_layout: Callable = lambda g_w, w_int, bias, options: (g_w, w_int, bias)
+
+  def check_options(self, options: dict) -> dict:
+    """`options` completed with the defaults; a one-line error for an unknown option or value."""
+    from mpq.errors import UserError  # pylint: disable=g-import-not-at-top
+    for k, v in options.items():
+      if k not in self.options:
+        raise UserError(f"export target {self.name!r} has no option {k!r}"
+                        + (f"; it has {', '.join(self.options)}" if self.options else ""))
+      if v not in self.options[k][0]:
+        raise UserError(f"export option {k}={v!r} of target {self.name!r} must be one of "
+                        f"{', '.join(self.options[k][0])}")
+    return {k: options.get(k, default) for k, (_, default) in self.options.items()}
 
   def rounding_of(self, op: str) -> str:
     return self.rounding.get(op, self.rounding["*"])

@@ -82,6 +82,24 @@ def requantizer(acc, s_out: float, out_max: float, family: str = FAMILY):
                                                            np.shape(acc.scale))
 
 
+def weight_layout(g_w: dict, w_int, bias, options: dict):
+  """`weights='compact'` (default): as trained, stored INT4 / INT2 where the op takes them
+  (`weight_dtype`). `weights='exact'`: weights of b < 8 bits multiplied by `2^k` (the largest k
+  keeping them within int8) and stored int8, the bias likewise, the weight scales divided by `2^k`:
+  the same real weights and products, but every multiplier `M / 2^k` gets k more bits of right
+  shift, which is where LiteRT's fixed-point kernels round twice (`SRDHM`, then a rounding shift):
+  an intermediate rounded at `2^-(r+k)` of the output LSB instead of `2^-r`. On the tiny cnn at
+  W2A2 this took litert-ref's accuracy from 58.7% to 70.3% (fake quant: 68.8%); see the README."""
+  if options.get("weights", "compact") != "exact" or g_w["bits"] >= 8:
+    return g_w, w_int, bias
+  lo, hi = int(w_int.min(initial=0)), int(w_int.max(initial=0))
+  k = 0
+  while lo * 2 ** (k + 1) >= -128 and hi * 2 ** (k + 1) <= 127 and k < 7:
+    k += 1
+  g = dict(g_w, scale=g_w["scale"] / 2.0 ** k, bits=8, w_bits_trained=g_w["bits"], weight_shift=k)
+  return g, w_int * 2 ** k, bias * 2.0 ** k
+
+
 def weight_dtype(op: dict) -> str:
   """The .tflite storage type of a conv/dense IR op's weights: `INT4` for 3-4 bits on CONV_2D and
   FULLY_CONNECTED, `INT2` for 2 bits on FULLY_CONNECTED (CONV_2D rejects INT2: INT4), int8
@@ -320,7 +338,8 @@ def _register():
   targets.register(targets.Target(
       "tflite", _write, ("manifest.json", "weights.npz", FILE), requant_multiplier,
       {"*": "half_up"}, requantizer, int8_output=True, pixel_input=True, emulations=FAMILIES,
-      emulate=emulate, runtimes=FAMILIES, run=run_litert))
+      emulate=emulate, runtimes=FAMILIES, run=run_litert,
+      options={"weights": (("compact", "exact"), "compact")}, weight_layout=weight_layout))
 
 
 _register()

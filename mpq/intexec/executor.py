@@ -2,7 +2,8 @@
 
 Each IR op runs its registry entry's kernel (`mpq.ops`); this module sequences them.
 
-`build(manifest, tensors)` returns `(run, core, quantize)`: `run(images) -> logits` quantizes the float input,
+`build(manifest, tensors)` returns `(run, core, quantize)`, each jitted (one compilation of the
+whole graph, much faster than op-by-op dispatch): `run(images) -> logits` quantizes the float input,
 executes the integer ops and dequantizes the final accumulator; `core(q_input) -> int32 accumulator`
 is the integer part alone (every op on int32, products accumulated in int32 through
 `preferred_element_type`), which a test inspects for floating-point ops.
@@ -61,7 +62,7 @@ def build(manifest: dict, tensors: dict):
   def run(images):
     return _integer_op(last, {last["input"]: core(quantize(images))}, tensors)
 
-  return jax.jit(run), core, quantize
+  return jax.jit(run), jax.jit(core), jax.jit(quantize)
 
 
 def intermediates(manifest: dict, tensors: dict, images) -> dict:

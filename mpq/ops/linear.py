@@ -57,6 +57,7 @@ class Linear(OpKind):
     t_in, g_in = lw.to_grid(node.inputs[0], layer.aq, name)
     w, b = self.weights(layer)
     g_w, w_int, bias = lw.integer_weights(layer, w, b)
+    extra = {k: g_w[k] for k in ("w_bits_trained", "weight_shift") if k in g_w}
     if np.any(np.abs(bias) > 2 ** 31 - 1):
       lw.fail(f"layer {name!r}: bias does not fit int32 at scale s_in * s_w")
     s_in, s_w = float(g_in["scale"][0]), g_w["scale"]
@@ -68,7 +69,7 @@ class Linear(OpKind):
              "w_bits": g_w["bits"], "bias": f"{name}/bias",
              "input_zero_point": int(g_in["zero_point"][0]), "a_bits": g_in["bits"],
              "input_range": [g_in["qmin"], g_in["qmax"]],
-             "input_scale": s_in, "weight_scale": [float(v) for v in s_w]})
+             "input_scale": s_in, "weight_scale": [float(v) for v in s_w], **extra})
     z = g_in["zero_point"][0]
     x_max = max(abs(g_in["qmin"] - z), abs(g_in["qmax"] - z))
     k = int(np.prod(w_int.shape[:-1]))  # products summed per output (conv: kh kw cin/groups)
