@@ -77,7 +77,7 @@ def test_tiny_export_agrees_with_fake_quant(tiny_export):
 def test_tflite_export_runs_in_litert_from_the_cli(tiny_export):
   """eval.py --export --target=tflite --runtime: LiteRT's outputs equal mpq's emulation (0
   mismatches); --save_outputs holds exactly the uint8 images fed to the file, its int8 outputs and
-  the labels; --emulate on the mpq export is a one-line error."""
+  the labels; emulating litert-ref on the mpq export is an error naming the target to use."""
   from mpq import data as data_lib
   from mpq.export import tflite_target
   base, _ = tiny_export
@@ -97,10 +97,9 @@ def test_tflite_export_runs_in_litert_from_the_cli(tiny_export):
                                 tflite_target.run_litert(str(base / "tfl"), "litert-ref",
                                                          want["pixels"]))
   assert r["accuracy"] == pytest.approx(np.mean(z["outputs"].argmax(-1) == z["labels"]))
-  bad = run_cli("eval.py", f"--model={base / 'int'}", "--mode=int", "--emulate=litert-ref")
-  assert bad.returncode != 0
-  assert "--emulate=litert-ref does not fit" in bad.stderr and "--target=tflite" in bad.stderr
-  assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+  from mpq.export.evaluate import emulated  # the CLI's one-line error for a path the file lacks
+  with pytest.raises(ExportError, match="--emulate=litert-ref does not fit .* --target=tflite"):
+    emulated(*export.load(str(base / "int")), "litert-ref", str(base / "int"))
 
 
 def _calibrated_export(tmp_path, model_name, model_kwargs, estimator, w_bits, a_bits, rules=()):
@@ -163,15 +162,51 @@ def test_integer_model_equals_fake_quant_bit_for_bit(tmp_path, model_name, kw, e
     assert kinds.count("add") == 9 and kinds.count("sum_pool") == 1 and "shift" in kinds
 
 
-def test_mobilenet_export_agrees_on_top1(tmp_path):
-  """MobileNetV2: ReLU6 before global pooling is clamped on the accumulator at round(6 / scale),
-  which can move a pooled value across a rounding boundary; top-1 still agrees on every image."""
-  manifest, acc, lsb = _calibrated_export(tmp_path, "mobilenet_v2", {"width": 0.35}, "lsq", 4, 4)
+def test_mobilenet_exports_agree_on_top1_and_run_in_litert_as_emulated(tmp_path):
+  """MobileNetV2 (width 0.35), random weight bits 2-8 per layer, 8-bit activations.
+  mpq target: ReLU6 before global pooling is clamped on the accumulator at round(6 / scale),
+  which can move a pooled value across a rounding boundary; top-1 still agrees on every image.
+  tflite target: depthwise convs, ReLU6 as the grid's top at int8's top, residual ADDs without an
+  activation, MEAN of the int8 tensor: 0 mismatching logits in litert-ref and litert-ruy."""
+  import random
+  import ml_collections
+  from configs import tiny
+  from mpq import data as data_lib, models
+  from mpq.export import tflite_target
+  from mpq.export.evaluate import executor_outputs
+  from mpq.quant import calibration, model as quant_model
+  rnd = random.Random(1)
+  c = tiny.get_config()
+  c.model, c.model_kwargs = "mobilenet_v2", ml_collections.ConfigDict({"width": 0.35})
+  c.quant.enabled, c.quant.w_bits, c.quant.a_bits = True, 8, 8
+  fm = models.build("mobilenet_v2", 10, (28, 28, 1), width=0.35)
+  c.quant.rules = tuple((p, {"w_bits": rnd.randint(2, 8)}) for p, l in
+                        models.layer_table(fm).items() if l.kind in ("conv", "conv_bn", "dense"))
+  ds = data_lib.load(c.dataset, None, 256, 256)
+  model, _ = quant_model.build(c, ds.num_classes, ds.image_shape)
+  x = next(data_lib.eval_batches(ds, 256, split="train"))["image"]
+  calibration.calibrate(model, [x], act_method="percentile", weight_method="max")
+  batch = next(data_lib.eval_batches(ds, 256))
+  # the mpq target
+  manifest = export.export(model, ds.image_shape, str(tmp_path / "int"))
+  _, core, quantize = intexec.build(*export.load(str(tmp_path / "int")))
+  acc = np.asarray(core(quantize(batch["image"])), np.float64)
   scale = np.asarray(manifest["ops"][-1]["scale"])
+  lsb = np.asarray(model(jnp.asarray(batch["image"]), train=False), np.float64) / scale
   np.testing.assert_array_equal((lsb * scale).argmax(-1), (acc * scale).argmax(-1))
   assert np.mean(np.abs(lsb - acc)) < 1e-2 * np.mean(np.abs(acc))  # a few LSBs of thousands
   kinds = [op["op"] for op in manifest["ops"]]
   assert "add" in kinds and "clamp" in kinds and "sum_pool" in kinds
+  # the tflite target
+  export.export(model, ds.image_shape, str(tmp_path / "tfl"), target="tflite", calibration=x)
+  manifest, tensors = export.load(str(tmp_path / "tfl"))
+  kinds = [op["op"] for op in manifest["ops"]]
+  assert "add" in kinds and "mean" in kinds and any(op.get("groups", 1) > 1
+                                                     for op in manifest["ops"])
+  for family in ("litert-ref", "litert-ruy"):
+    got = tflite_target.run_litert(str(tmp_path / "tfl"), family, batch["pixels"])
+    want = executor_outputs(*tflite_target.emulate(manifest, tensors, family), batch["pixels"])
+    assert int(np.sum(got != want)) == 0, f"{family}: {np.sum(got != want)} outputs differ"
 
 
 def test_integer_core_has_no_float_ops(tiny_export):

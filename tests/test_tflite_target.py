@@ -141,12 +141,20 @@ def test_exact_weights_make_litert_equal_the_fake_quant_model(exported):
 
 
 def test_what_tflite_cannot_express_is_refused_with_one_line(tmp_path):
-  """Residual additions (resnet20), and a signed activation grid below 8 bits (whose two ends no
-  fused activation clamps), are export errors naming the op; nothing is written."""
+  """A signed activation grid below 8 bits (resnet20's addition inputs at 4 bits: no fused
+  activation clamps both ends) is an export error naming the op; nothing is written."""
+  import ml_collections
+  from configs import tiny
   from mpq.export.tflite_builder import TFLiteBuilder
-  model, _, shape = calibrated_model("resnet20", {"width": 8}, "lsq", 8, 8)
+  from mpq.quant import model as quant_model
+  c = tiny.get_config()  # uncalibrated: the refusal comes before any number matters
+  c.model, c.model_kwargs = "resnet20", ml_collections.ConfigDict({"width": 8})
+  c.quant.enabled, c.quant.w_bits, c.quant.a_bits = True, 8, 4
+  shape = (28, 28, 1)
+  model, _ = quant_model.build(c, 10, shape)
   out = tmp_path / "tfl"
-  with pytest.raises(ExportError, match=r"no lowering yet for the output of 'add'"):
+  with pytest.raises(ExportError, match=r"->\S*add/a' \(requantize\): its clamp \[-8, 7\].*"
+                     r"signed grids below 8 bits"):
     export.export(model, shape, str(out), target="tflite", calibration=_pixels(64)["image"])
   assert not out.exists()
   r = {"op": "requantize", "name": "a->b", "output": "t", "clamp": [-8, 7], "zero_point": 0,
@@ -203,3 +211,48 @@ def test_pixel_grid_holds_every_pixel_exactly():
       g = q.integer_grid()
       assert (float(g["scale"]), int(g["zero_point"]), int(g["bits"]), g["signed"]) == (
           pytest.approx(s), z, 8, False)
+
+
+@pytest.fixture(scope="module")
+def resnet_export(tmp_path_factory):
+  """resnet20 (width 8) with random bits 2-8 per conv and an 8-bit head: residual ADDs, a block
+  input feeding a conv and a shortcut (QUANTIZE int8 -> int8 onto the second grid), global
+  average pooling as MEAN of the int8 tensor. The additions' inputs are signed grids: 8 bits."""
+  import random
+  import ml_collections
+  from configs import tiny
+  from mpq import models
+  from mpq.quant import calibration, model as quant_model
+  rnd = random.Random(0)
+  fm = models.build("resnet20", 10, (28, 28, 1), width=8)
+  c = tiny.get_config()
+  c.model, c.model_kwargs = "resnet20", ml_collections.ConfigDict({"width": 8})
+  c.quant.enabled = True
+  c.quant.rules = tuple((p, {"w_bits": rnd.randint(2, 8), "a_bits": 8 if l.kind == "add" else
+                             rnd.randint(2, 8), "estimator": rnd.choice(["lsq", "tqt", "ste"])})
+                        for p, l in models.layer_table(fm).items() if l.kind in ("conv_bn", "add"))
+  model, _ = quant_model.build(c, 10, (28, 28, 1))
+  x = _pixels(256)["image"]
+  calibration.calibrate(model, [x], act_method="percentile", weight_method="max")
+  out = tmp_path_factory.mktemp("resnet") / "tfl"
+  export.export(model, (28, 28, 1), str(out), target="tflite", calibration=x)
+  return out, model, *export.load(str(out))
+
+
+@pytest.mark.parametrize("family", ["litert-ref", "litert-ruy"])
+def test_resnet20_runs_in_litert_as_mpq_emulates_it(resnet_export, family):
+  out, _, manifest, tensors = resnet_export
+  kinds = [op["op"] for op in manifest["ops"]]
+  assert kinds.count("add") == 9 and "mean" in kinds and "requantize_grid" in kinds
+  images = _pixels()["pixels"]
+  got = tflite_target.run_litert(str(out), family, images)
+  want = executor_outputs(*tflite_target.emulate(manifest, tensors, family), images)
+  assert int(np.sum(got != want)) == 0, f"{family}: {np.sum(got != want)} outputs differ"
+
+
+def test_resnet20_litert_auto_is_refused_until_measured(resnet_export):
+  _, _, manifest, tensors = resnet_export
+  with pytest.raises(ExportError, match="in litert-auto has not been measured against LiteRT|"
+                     "XNNPACK takes ADD.*not been measured"):
+    tflite_target.emulate(manifest, tensors, "litert-auto")
+

@@ -239,14 +239,12 @@ def check_input(manifest: dict, image_shape, model_dir: str | None = None) -> No
 
 class Acc(NamedTuple):
   """An int32 accumulator: the producing layer's `name`, its IR `tensor`, its real `scale` (per
-  output channel) and a bound on its magnitude; for a dense/conv layer also `factors`, the scales
-  whose product `scale` is ((s_in, s_w per channel): a target may derive multipliers from them, as
-  TFLite does), and `producer`, the IR op that produced it."""
+  output channel, float64: for float32 scales `s_in s_w` is exact), a bound on its magnitude, and
+  `producer`, the IR op that produced it (a target's rule may depend on it)."""
   name: str
   tensor: str
   scale: np.ndarray
   bound: float
-  factors: tuple | None = None
   producer: dict | None = None
 
 
@@ -259,6 +257,8 @@ class Lowering:
                options: dict | None = None):
     self.graph, self.image_shape, self.target = graph, image_shape, target
     self.output_grid, self.options = output_grid, options or {}
+    self.grids: dict[str, dict] = {}  # requantized tensor -> its grid (scale, zero point, clamp)
+    self.requantized: dict[str, str] = {}  # accumulator tensor -> its first requantized tensor
     self.producer: dict[str, tuple] = {"input": ("input",)}
     self.ops, self.tensors, self.input_spec, self._n = [], {}, None, 0
     self.consumer = ""
@@ -298,12 +298,11 @@ class Lowering:
     return self.target.weight_layout(g_w, np.asarray(w_int, np.int64),
                                      np.asarray(bias, np.float64), self.options)
 
-  def accumulator(self, tensor: str, name: str, acc_tensor: str, scale, bound: float,
-                  factors: tuple | None = None) -> None:
+  def accumulator(self, tensor: str, name: str, acc_tensor: str, scale, bound: float) -> None:
     """Records graph tensor `tensor` as the int32 accumulator `acc_tensor` (produced by the last op
-    emitted) at real `scale` (per channel), `factors` as in `Acc`."""
+    emitted) at real `scale` (per channel)."""
     self.producer[tensor] = ("acc", Acc(name, acc_tensor, np.asarray(scale, np.float64), bound,
-                                        factors, self.ops[-1] if self.ops else None))
+                                        self.ops[-1] if self.ops else None))
 
   def transform(self, node) -> None:
     self.producer[node.output] = ("transform", node)
@@ -351,16 +350,22 @@ class Lowering:
     acc = source[1]
     entries = [ops.kind(n.kind) for n in transforms]
     # Transforms up to the last one that needs the accumulator run on it; the rest fold into the
-    # requantization clamp or run on the requantized integers.
+    # requantization clamp or run on the requantized integers (all of them, for a target whose
+    # ops take int8 tensors only: `Target.grid_transforms`).
     last = [i for i, e in enumerate(entries) if e.requires_accumulator]
-    split = last[-1] + 1 if last else 0
+    split = last[-1] + 1 if last and not self.target.grid_transforms else 0
     for node, entry in zip(transforms[:split], entries[:split]):
       acc = entry.on_accumulator(self, acc, node)
     lo, hi = g["qmin"], g["qmax"]
     z_out, s_out = int(g["zero_point"][0]), float(g["scale"][0])
     for entry in entries[split:]:
       lo, hi = entry.clamp(lo, hi, z_out, s_out)
-    t_in = self.requantize(acc, consumer, g, lo, hi)
+    first = self.requantized.get(acc.tensor) if self.target.grid_transforms else None
+    if first is None:
+      t_in = self.requantize(acc, consumer, g, lo, hi)
+      self.requantized[acc.tensor] = t_in
+    else:  # one int8 tensor per accumulator: requantize the first one onto this grid
+      t_in = self.requantize_grid(first, consumer, g, lo, hi)
     for node, entry in zip(transforms[split:], entries[split:]):
       t_in = entry.after_requantize(self, t_in, node)
     return t_in, g
@@ -384,6 +389,21 @@ class Lowering:
     t_out = self.new()
     op.update(output=t_out, zero_point=z_out, clamp=[lo, hi], bits=g["bits"], output_scale=s_out)
     self.emit(op)
+    self.grids[t_out] = {"scale": s_out, "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]}
+    return t_out
+
+  def requantize_grid(self, tensor: str, consumer: str, g: dict, lo: int, hi: int) -> str:
+    """Grid tensor `tensor` onto grid `g` clamped to [lo, hi] (`requantize_grid`; the same tensor
+    where the grids are equal)."""
+    src = self.grids[tensor]
+    z_out, s_out = int(g["zero_point"][0]), float(g["scale"][0])
+    if (src["scale"], src["zero_point"], src["clamp"]) == (s_out, z_out, [lo, hi]):
+      return tensor
+    t_out = self.new()
+    self.emit({"op": "requantize_grid", "name": f"{tensor}->{consumer}", "input": tensor,
+               "output": t_out, "input_scale": src["scale"], "input_zero_point": src["zero_point"],
+               "scale": s_out, "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]})
+    self.grids[t_out] = {"scale": s_out, "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]}
     return t_out
 
   def run(self, meta) -> dict:

@@ -62,6 +62,12 @@ class Target:
   runtimes: tuple[str, ...] = ()
   run: Callable | None = None
   options: dict = dataclasses.field(default_factory=dict)  # option -> (allowed values, default)
+  # ADD's left shift of its inputs, given their widest grid's bits (mpq: 31 - bits; TFLite: 20)
+  add_shift: Callable = lambda bits: 31 - bits
+  # one int8 tensor per accumulator (a .tflite op has one output): a second consumer's grid is
+  # requantized from the first (`requantize_grid`), and transforms run on requantized tensors
+  # (average pooling as a mean of the grid integers), not on the int32 accumulator
+  grid_transforms: bool = False
   weight_layout: Callable = lambda g_w, w_int, bias, options: (g_w, w_int, bias)
 
   def check_options(self, options: dict) -> dict:

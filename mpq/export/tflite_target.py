@@ -3,9 +3,16 @@ integer model, which mpq's executor runs with LiteRT's arithmetic.
 
 What the target decides (`mpq.export.targets.Target`):
   multipliers   derived as LiteRT derives them from the float32 scales in the file (Prepare of
-                CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED): per output channel
-                `QuantizeMultiplier(double(f32 s_in) * double(f32 s_w,c) / double(f32 s_out))`,
-                whatever mpq's own rule would choose (`requantizer`)
+                CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED: per output channel
+                `QuantizeMultiplier(double(f32 s_in) * double(f32 s_w,c) / double(f32 s_out))`;
+                ADD: left shift 20, `QuantizeMultiplier(s_i / 2 max(s_a, s_b))` per input and
+                `2 max(s_a, s_b) / (2^20 s_out)` for the output), whatever mpq's own rule would
+                choose (`requantizer`)
+  graph         one int8 tensor per accumulator (a .tflite op has one output): where a block's
+                input feeds a conv and a shortcut on two grids, the second is a QUANTIZE int8 ->
+                int8 of the first (`requantize_grid`); average pooling is a MEAN of the int8
+                tensor on its grid (`mean`). Both round twice where the fake-quant model rounds
+                once, so such exports differ from it (reported by `--compare`), not from LiteRT
   rules         each requantization takes the rule of the kernel that performs it in the kernel
                 family (`REQUANT_RULES`, measured against LiteRT: `mpq.export.litert_rules`,
                 tests/test_requant_rules.py); the manifest is written for `litert-ref`
@@ -51,6 +58,9 @@ REQUANT_RULES = {
     ("FULLY_CONNECTED", "litert-auto"): "float32_even",
     ("FULLY_CONNECTED", "litert-auto/builtin"): "double_up",
     ("DEPTHWISE_CONV_2D", "litert-ref"): "double",
+    ("DEPTHWISE_CONV_2D", "litert-ruy"): "double_up",
+    ("ADD", "litert-ref"): "double",  # reference ADD: MBQM of the raw sum (add.h)
+    ("ADD", "litert-ruy"): "double",
 }
 
 
@@ -58,28 +68,22 @@ def f32(x) -> float:
   return float(np.float32(x))
 
 
-def multipliers(s_in: float, s_w, s_out: float) -> list[tuple[int, int]]:
-  """LiteRT's (M0, shift) per output channel: `QuantizeMultiplier(double(f32 s_in) *
-  double(f32 s_w,c) / double(f32 s_out))` (kernel_util.cc PopulateConvolutionQuantizationParams)."""
-  return [quantize_multiplier(f32(s_in) * f32(w) / f32(s_out)) for w in np.ravel(s_w)]
-
-
 def requantizer(acc, s_out: float, out_max: float, family: str = FAMILY):
-  """The `requantize` op's rule and tensors for accumulator `acc` (a dense/conv layer's) onto a
-  grid of scale `s_out`, as LiteRT computes it in `family`."""
+  """The `requantize` op's rule and tensors for accumulator `acc` onto a grid of scale `s_out`, as
+  LiteRT computes it in `family`: `QuantizeMultiplier(s_acc / s_out)` per channel, where `s_acc`
+  is, in double, exactly what LiteRT forms from the file's float32 scales (`s_in s_w`: a product
+  of two float32 values is exact in double; ADD's `2 max(s_a, s_b) / 2^20`)."""
   from mpq import ops  # pylint: disable=g-import-not-at-top
   from mpq.export.targets import fixed_point  # pylint: disable=g-import-not-at-top
   del out_max
   producer = acc.producer or {}
   kind = ops.ir_op(producer["op"]).tflite_op(producer) if "op" in producer else None
-  if acc.factors is None or kind is None:
+  if kind is None:
     what = producer.get("op", "this op")
-    raise ValueError(f"the tflite target has no lowering yet for the output of {what!r} "
-                     "(it exports conv, depthwise conv, dense, ReLU/ReLU6 and max pooling); "
+    raise ValueError(f"the tflite target has no lowering yet for the output of {what!r}; "
                      "export with --target=mpq")
-  s_in, s_w = acc.factors
-  return _rule(kind, family, producer), fixed_point(multipliers(s_in, s_w, s_out),
-                                                           np.shape(acc.scale))
+  pairs = [quantize_multiplier(float(m)) for m in np.ravel(acc.scale / s_out)]
+  return _rule(kind, family, producer), fixed_point(pairs, np.shape(acc.scale))
 
 
 def weight_layout(g_w: dict, w_int, bias, options: dict):
@@ -119,7 +123,12 @@ def _rule(kind: str, family: str, op: dict) -> str:
   if family == "litert-auto":
     from mpq.export.litert_rules import xnnpack_takes  # pylint: disable=g-import-not-at-top
     k = op["weight_shape"][0] if op["op"] == "dense" else None
-    if not xnnpack_takes(kind, weights=weight_dtype(op), k=k):
+    try:
+      taken = xnnpack_takes(kind, weights=weight_dtype(op) if "w_bits" in op else "int8", k=k)
+    except ValueError:
+      raise ValueError(f"whether XNNPACK takes {kind}, and how it rounds, has not been measured "
+                       "against LiteRT yet, so litert-auto cannot be emulated") from None
+    if not taken:
       key = "litert-auto/builtin"
   if (kind, key) not in REQUANT_RULES:
     raise ValueError(f"the requantization of {kind} in {family} has not been measured against "
@@ -131,8 +140,10 @@ def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
   """(manifest, tensors) of a `tflite` export with the rules of LiteRT kernel family `family`:
   each requantization that a kernel performs takes that kernel's rule (`REQUANT_RULES`), with the
   multipliers LiteRT derives (the manifest's: the same for every fixed-point rule) or, for
-  XNNPACK's float32 rule, the float32 scale `f32(f32(s_in s_w,c) / s_out)` it computes. The
-  returned copies run in mpq's executor (`mpq.intexec.build`) as the family runs the file."""
+  XNNPACK's float32 rule, the float32 scale `f32(f32(s_in s_w,c) / s_out)` it computes; every IR
+  op with a family-dependent kernel of its own (`mean`, `requantize_grid`) takes the family's
+  (`IROp.for_family`). The returned copies run in mpq's executor (`mpq.intexec.build`) as the
+  family runs the file."""
   from mpq import ops  # pylint: disable=g-import-not-at-top
   from mpq.export.exporter import ExportError  # pylint: disable=g-import-not-at-top
   if family not in FAMILIES:
@@ -140,6 +151,10 @@ def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
   producer = {op["output"]: op for op in manifest["ops"]}
   new_ops, tensors = [], dict(tensors)
   for op in manifest["ops"]:
+    try:
+      op = ops.ir_op(op["op"]).for_family(op, family)
+    except ValueError as e:
+      raise ExportError(f"op {op['name']!r}: {e}") from None
     src = producer.get(op.get("input")) if op["op"] == "requantize" else None
     kind = ops.ir_op(src["op"]).tflite_op(src) if src is not None else None
     if kind is None:
@@ -149,19 +164,19 @@ def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
       rule = _rule(kind, family, src)
     except ValueError as e:
       raise ExportError(f"op {op['name']!r}: {e}") from None
-    op = {k: v for k, v in op.items() if k not in ("multiplier", "shift", "scale", "rule")}
+    fixed = {k: v for k, v in op.items() if k not in ("scale", "rule")}
+    op = {k: v for k, v in fixed.items() if k not in ("multiplier", "shift")}
     op["rule"] = rule
-    if rule == "float32_even":
+    if rule != "float32_even":  # every fixed-point family derives the same (M0, shift)
+      op["multiplier"], op["shift"] = fixed["multiplier"], fixed["shift"]
+    elif "weight_scale" in src:
       s_w = np.asarray(src["weight_scale"], np.float32)
       scale = (np.float32(src["input_scale"]) * s_w).astype(np.float32) / np.float32(
           op["output_scale"])
       tensors[f"{op['name']}/scale"] = np.asarray(scale, np.float32).reshape(-1)
       op["scale"] = f"{op['name']}/scale"
     else:
-      pairs = multipliers(src["input_scale"], src["weight_scale"], op["output_scale"])
-      tensors[f"{op['name']}/multiplier"] = np.asarray([p[0] for p in pairs], np.int32)
-      tensors[f"{op['name']}/shift"] = np.asarray([p[1] for p in pairs], np.int32)
-      op["multiplier"], op["shift"] = f"{op['name']}/multiplier", f"{op['name']}/shift"
+      raise ExportError(f"op {op['name']!r}: XNNPACK's requantization of {kind} is not known")
     new_ops.append(op)
   return dict(manifest, ops=new_ops, family=family), tensors
 
@@ -207,6 +222,7 @@ class Writer:
     self.builder, self.manifest, self.tensors, self.shapes = builder, manifest, tensors, shapes
     self.ids: dict[str, int] = {}
     self.offsets: dict[str, int] = {}
+    self.grid_range: dict[str, tuple[int, int]] = {}  # IR range [lo, hi] of each grid tensor
     self.consumers: dict[str, list[dict]] = {}
     self.fused: set[str] = set()  # names of requantize ops lowered with their producer
     self.outputs: list[int] = []
@@ -247,6 +263,7 @@ class Writer:
                                              zero_point=zero_point + off,
                                              signature=self.signature(shape))
     self.offsets[name] = off
+    self.grid_range[name] = (lo, hi)
     return self.ids[name]
 
   def alias(self, name: str, like: str, shape=None) -> int:
@@ -258,6 +275,8 @@ class Writer:
     idx = self.builder.add_tensor(name, shape, "int8", scale=q.scale, zero_point=q.zeroPoint,
                                   signature=self.signature(shape))
     self.ids[name], self.offsets[name] = idx, self.offsets[like]
+    if like in self.grid_range:
+      self.grid_range[name] = self.grid_range[like]
     return idx
 
   def grid(self, op: dict, name: str) -> tuple[int, int]:
@@ -334,10 +353,11 @@ def _write(out_dir: str, manifest: dict, tensors: dict) -> None:
 
 def _register():
   from mpq.export import targets  # pylint: disable=g-import-not-at-top
-  from mpq.fixedpoint import requant_multiplier  # pylint: disable=g-import-not-at-top
   targets.register(targets.Target(
-      "tflite", _write, ("manifest.json", "weights.npz", FILE), requant_multiplier,
+      "tflite", _write, ("manifest.json", "weights.npz", FILE),
+      lambda m, out_max: quantize_multiplier(m),  # LiteRT's QuantizeMultiplier (ADD's inputs)
       {"*": "half_up"}, requantizer, int8_output=True, pixel_input=True, emulations=FAMILIES,
+      add_shift=lambda bits: 20, grid_transforms=True,
       emulate=emulate, runtimes=FAMILIES, run=run_litert,
       options={"weights": (("compact", "exact"), "compact")}, weight_layout=weight_layout))
 

@@ -24,7 +24,7 @@ class Add(OpKind):
            zip(node.inputs, (layer.aq_a, layer.aq_b), ("a", "b"))]
     scales = [float(g["scale"][0]) for _, g in ins]
     s_max = max(scales)
-    left = 31 - max(g["bits"] for _, g in ins)
+    left = lw.target.add_shift(max(g["bits"] for _, g in ins))
     s_acc = 2 * s_max / 2 ** left
     mults = [lw.multiplier(s / (2 * s_max), 2.0 ** 30) for s in scales]
     t_acc = lw.new()
@@ -83,6 +83,32 @@ class AddIR(IROp):
       acc = acc + multiply_by_quantized_multiplier(xi, jnp.int32(m0), jnp.int32(sh),
                                                    nonneg=m0 >= 0)
     return acc
+
+  def tflite_op(self, op):
+    return "ADD"
+
+  def tflite(self, op, w):
+    """ADD of two int8 tensors with the consuming requantization fused (its output grid and clamp
+    as a fused activation). LiteRT derives the same left shift (20) and multipliers from the
+    file's scales (add.cc Prepare): checked here against the op's."""
+    from mpq.fixedpoint import quantize_multiplier  # pylint: disable=g-import-not-at-top
+    r = w.requantize_of(op)
+    xs = []
+    for t, z in zip(op["inputs"], op["input_zero_points"]):
+      x, off = w.grid(op, t)
+      if z + off != w.builder.tensors[x].quantization.zeroPoint[0]:
+        w.fail(op, f"its input zero point for {t!r} differs from the tensor's")
+      xs.append(x)
+    s = [float(np.float32(v)) for v in op["input_scales"]]
+    twice_max = 2.0 * max(s)
+    want = [quantize_multiplier(v / twice_max) for v in s]
+    if op["left_shift"] != 20 or [list(p) for p in want] != [
+        [m, sh] for m, sh in zip(op["multipliers"], op["shifts"])]:
+      w.fail(op, "its left shift and input multipliers are not LiteRT's (left shift 20, "
+             "QuantizeMultiplier(s_i / 2 max(s_a, s_b))); export with --target=tflite")
+    y, act = w.fused_output(r)
+    w.builder.add_operator("ADD", xs, [y], w.builder.options("AddOptions",
+                                                             fusedActivationFunction=act))
 
 
 register(Add(), AddIR())

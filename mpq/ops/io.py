@@ -179,6 +179,83 @@ class Requantize(IROp):
            "has no tflite lowering yet; export with --target=mpq")
 
 
+def _requantize_grid_double(x, m0, e):
+  return multiply_by_quantized_multiplier(x, jnp.int32(m0), jnp.int32(e), nonneg=True)
+
+
+def _requantize_grid_optimized(x, m0, e):
+  """Over the flattened tensor, whole blocks of 16 from the start take the vector rule (ties toward
+  +inf at the last shift), the last `size % 16` the scalar one (optimized_ops::Requantize)."""
+  flat = x.reshape(-1)
+  n_vec = 16 * (flat.size // 16)
+  up = multiply_by_quantized_multiplier_up(flat, jnp.int32(m0), jnp.int32(e))
+  y = jnp.where(jnp.arange(flat.size) < n_vec, up, _requantize_grid_double(flat, m0, e))
+  return y.reshape(x.shape)
+
+
+GRID_RULES = {"double": _requantize_grid_double, "optimized": _requantize_grid_optimized}
+GRID_FAMILIES = {"litert-ref": "double", "litert-ruy": "optimized"}
+
+
+class RequantizeGrid(IROp):
+  """A grid tensor onto another grid (TFLite's QUANTIZE between int8 tensors): `clamp(MBQM(q -
+  z_in, M0, e) + z_out)` with `M0, e = QuantizeMultiplier(double(f32 s_in) / double(f32 s_out))`
+  (derived from the fields); `rule` `double` (the reference kernel, default) or `optimized`
+  (`GRID_RULES`). A target whose ops have one output emits it where an accumulator feeds two
+  grids (`mpq.export.exporter.Lowering.requantize_grid`)."""
+  name = "requantize_grid"
+
+  def validate(self, op, raw, tensors, need):
+    need(op, "rule", op.get("rule", "double") in GRID_RULES,
+         f"must be one of {', '.join(GRID_RULES)}{self.got(op, 'rule')}")
+    self.scale(op, "input_scale", need)
+    self.scale(op, "scale", need)
+    self.integer(op, "input_zero_point", need, -2 ** 16, 2 ** 16)
+    bits = self.bits(op, "bits", need)
+    self.grid_range(op, "clamp", bits, need, strict=False)
+    self.integer(op, "zero_point", need, *self.bits_range(bits))
+
+  def value_range(self, op, ranges, need):
+    need(op, "input", op["input"] in ranges, f"names {op['input']!r}, which is no integer grid "
+         "tensor")
+    return tuple(op["clamp"])
+
+  def multiplier(self, op) -> tuple[int, int]:
+    from mpq.fixedpoint import quantize_multiplier  # pylint: disable=g-import-not-at-top
+    return quantize_multiplier(float(np.float32(op["input_scale"])) /
+                               float(np.float32(op["scale"])))
+
+  def for_family(self, op, family):
+    if family not in GRID_FAMILIES:
+      raise ValueError(f"the requantization of an int8 tensor (QUANTIZE) in {family} has not been "
+                       "measured against LiteRT yet, so it cannot be emulated")
+    return dict(op, rule=GRID_FAMILIES[family])
+
+  def kernel(self, op, env, tensors):
+    m0, e = self.multiplier(op)
+    x = env[op["input"]] - jnp.int32(op["input_zero_point"])
+    y = GRID_RULES[op.get("rule", "double")](x, m0, e) + jnp.int32(op["zero_point"])
+    lo, hi = op["clamp"]
+    return jnp.clip(y, jnp.int32(lo), jnp.int32(hi))
+
+  def tflite_op(self, op):
+    return "QUANTIZE"
+
+  def tflite(self, op, w):
+    """QUANTIZE int8 -> int8. LiteRT clamps to int8 only: the grid's top is int8's (the storage
+    offset), and its bottom must be int8's or the zero point with an input that the same ReLU
+    clamped (then no value falls below it)."""
+    x, _ = w.grid(op, op["input"])
+    lo, hi = op["clamp"]
+    off = w.storage_offset(lo, hi)
+    src_lo = w.grid_range.get(op["input"], (None, None))[0]
+    if off is None or not (lo + off == -128 or (
+        lo == op["zero_point"] and src_lo == op["input_zero_point"])):
+      w.fail(op, f"its clamp [{lo}, {hi}] is not what QUANTIZE to an int8 tensor gives")
+    y = w.grid_tensor(op["output"], op["scale"], op["zero_point"], lo, hi, op)
+    w.builder.add_operator("QUANTIZE", [x], [y])
+
+
 class Dequantize(IROp):
   """The logits as float: `(x - z) * scale_c` of the last accumulator (z = 0), or of the int8
   logits on their calibrated grid (`zero_point` z; a target with int8 outputs)."""
@@ -201,4 +278,4 @@ class Dequantize(IROp):
     return x.astype(jnp.float32) * jnp.asarray(np.asarray(op["scale"], np.float32))
 
 
-register(Quantize(), Requantize(), Dequantize())
+register(Quantize(), Requantize(), RequantizeGrid(), Dequantize())

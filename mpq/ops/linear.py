@@ -74,7 +74,7 @@ class Linear(OpKind):
     x_max = max(abs(g_in["qmin"] - z), abs(g_in["qmax"] - z))
     k = int(np.prod(w_int.shape[:-1]))  # products summed per output (conv: kh kw cin/groups)
     bound = float(k * np.max(np.abs(w_int)) * x_max + np.max(np.abs(bias)))
-    lw.accumulator(node.output, name, t_acc, s_in * s_w, bound, factors=(s_in, s_w))
+    lw.accumulator(node.output, name, t_acc, s_in * s_w, bound)
 
 
 class Dense(Linear):

@@ -71,6 +71,117 @@ class AvgPool(Transform):
     return acc._replace(tensor=out, scale=scale / n, bound=bound * n)  # mean = sum / (H W)
 
 
+  def after_requantize(self, lw, tensor, node):
+    """On a requantized tensor (a target whose ops take int8 tensors): the `mean` of the grid's
+    integers over `axes`, on the same grid, rounded by the kernel family's rule."""
+    g = lw.grids[tensor]
+    lo, hi = g["clamp"]
+    out = lw.new()
+    lw.emit({"op": "mean", "name": f"{lw.consumer}/mean", "input": tensor, "output": out,
+             "axes": list(node.layer.axes), "scale": g["scale"], "zero_point": g["zero_point"],
+             "clamp": [lo, hi], "bits": g["bits"], "storage_offset": 127 - hi})
+    lw.grids[out] = g
+    return out
+
+
+def _mean_reference(total, n, z, s, off):
+  """reference_ops::QuantizedMeanOrSum with equal input and output scales: `M0, e` of
+  `s / s`, `k = min(floor(log2 n), 32, 31 + e)`, `MBQM(sum - z n, (M0 << k) // n, e - k) + z`."""
+  from mpq.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier  # pylint: disable=g-import-not-at-top
+  del off
+  m0, e = quantize_multiplier(float(np.float32(s)) / float(np.float32(s)))
+  k = min(n.bit_length() - 1, 32, 31 + e)
+  y = multiply_by_quantized_multiplier(total - jnp.int32(z * n), jnp.int32((m0 << k) // n),
+                                       jnp.int32(e - k), nonneg=True)
+  return y + jnp.int32(z)
+
+
+def _mean_optimized(total, n, z, s, off):
+  """optimized_integer_ops::Mean (4-D, axes 1, 2, keep_dims; one thread): on the stored values
+  (`q + off`), the zero points folded into a float32 bias, the raw sum rescaled by
+  `QuantizeMultiplier(f32(s / f32(n s)))`, channels in whole blocks of 16 by the vector rule
+  (ties toward +inf at the last shift), the rest by the scalar rule (`litert_rules.mean_optimized_hw`)."""
+  from mpq.fixedpoint import (multiply_by_quantized_multiplier,  # pylint: disable=g-import-not-at-top
+                              multiply_by_quantized_multiplier_up, quantize_multiplier)
+  f32 = np.float32
+  zs = z + off
+  t = f32(f32(f32(zs) * f32(s)) / f32(s))
+  t = f32(t + f32(0.5)) if t > 0 else f32(t - f32(0.5))
+  bias = int(zs) - int(np.trunc(t))
+  m0, e = quantize_multiplier(float(f32(f32(s) / f32(f32(n) * f32(s)))))
+  raw = total + jnp.int32(off * n)
+  c = total.shape[-1]
+  vec = jnp.arange(c) < 16 * (c // 16)
+  y = jnp.where(vec, multiply_by_quantized_multiplier_up(raw, jnp.int32(m0), jnp.int32(e)),
+                multiply_by_quantized_multiplier(raw, jnp.int32(m0), jnp.int32(e)))
+  return y + jnp.int32(bias) - jnp.int32(off)
+
+
+def _mean_xnnpack(total, n, z, s, off):
+  """XNNPACK's qs8 mean (`litert-auto`): float32 throughout, `rint_even(f32(f32(sum) * scale) +
+  bias)` with `scale = f32(f32(s / s) * f32(1 / n))`, `bias = f32(z - f32(f32(n z) * scale))`, on
+  the stored values (`litert_rules.mean_xnnpack`)."""
+  f32 = np.float32
+  zs = z + off
+  scale = f32(f32(f32(s) / f32(s)) * f32(f32(1.0) / f32(n)))
+  bias = f32(f32(zs) - f32(f32(n * zs) * scale))
+  raw = (total + jnp.int32(off * n)).astype(jnp.float32)
+  y = jnp.round(raw * jnp.float32(scale) + jnp.float32(bias)).astype(jnp.int32)
+  return y - jnp.int32(off)
+
+
+MEAN_RULES = {"reference": _mean_reference, "optimized": _mean_optimized,
+              "xnnpack": _mean_xnnpack}
+MEAN_FAMILIES = {"litert-ref": "reference", "litert-ruy": "optimized", "litert-auto": "xnnpack"}
+
+
+class MeanIR(IROp):
+  """The mean of a grid tensor over `axes` on the same grid (TFLite's MEAN, keep_dims), rounded
+  by `rule` (`MEAN_RULES`: each LiteRT kernel family's, measured in `mpq.export.litert_rules`);
+  `storage_offset`: what the runtime adds to the integers it stores (its rules round the raw
+  stored sum). A target whose ops take int8 tensors lowers average pooling to it."""
+  name = "mean"
+
+  def validate(self, op, raw, tensors, need):
+    need(op, "rule", op.get("rule", "reference") in MEAN_RULES,
+         f"must be one of {', '.join(MEAN_RULES)}{self.got(op, 'rule')}")
+    need(op, "axes", op.get("axes") == [1, 2], f"must be [1, 2] (H, W){self.got(op, 'axes')}")
+    self.scale(op, "scale", need)
+    bits = self.bits(op, "bits", need)
+    self.grid_range(op, "clamp", bits, need, strict=False)
+    self.integer(op, "zero_point", need, *self.bits_range(bits))
+    self.integer(op, "storage_offset", need, -2 ** 16, 2 ** 16)
+
+  def value_range(self, op, ranges, need):
+    need(op, "input", op["input"] in ranges, f"names {op['input']!r}, which is no integer grid "
+         "tensor")
+    return tuple(op["clamp"])
+
+  def for_family(self, op, family):
+    return dict(op, rule=MEAN_FAMILIES[family])
+
+  def kernel(self, op, env, tensors):
+    x = env[op["input"]]
+    n = int(x.shape[1] * x.shape[2])
+    total = jnp.sum(x, axis=(1, 2), keepdims=True, dtype=jnp.int32)
+    y = MEAN_RULES[op.get("rule", "reference")](total, n, op["zero_point"], op["scale"],
+                                                 op["storage_offset"])
+    lo, hi = op["clamp"]
+    return jnp.clip(y, jnp.int32(lo), jnp.int32(hi))
+
+  def tflite_op(self, op):
+    return "MEAN"
+
+  def tflite(self, op, w):
+    x, off = w.grid(op, op["input"])
+    if off != op["storage_offset"]:
+      w.fail(op, f"its storage_offset {op['storage_offset']} is not its input tensor's ({off})")
+    y = w.alias(op["output"], op["input"])
+    axes = w.builder.add_tensor(f"{op['name']}/axes", [2], "int32", data=np.asarray([1, 2]))
+    w.builder.add_operator("MEAN", [x, axes], [y], w.builder.options("ReducerOptions",
+                                                                      keepDims=True))
+
+
 class MaxPoolIR(IROp):
   name = "max_pool"
   commutes_with_monotone = True  # max(f(a), f(b)) == f(max(a, b)) for a non-decreasing f
@@ -122,4 +233,4 @@ class ShiftIR(IROp):
     return rounding_divide_by_pot(env[op["input"]], jnp.int32(op["right"]))
 
 
-register(MaxPool(), AvgPool(), MaxPoolIR(), SumPoolIR(), ShiftIR())
+register(MaxPool(), AvgPool(), MaxPoolIR(), SumPoolIR(), ShiftIR(), MeanIR())

@@ -124,6 +124,11 @@ class IROp:
     """The TFLite builtin op this IR op becomes, or None."""
     return None
 
+  def for_family(self, op, family: str) -> dict:
+    """The op as kernel family `family` (e.g. `litert-ruy`) computes it, for an op whose kernel
+    depends on the family (`mean`, `requantize_grid`); a ValueError where it is not known."""
+    return op
+
   def tflite(self, op, w) -> None:
     """Emits this op into the .tflite graph through `w` (`mpq.export.tflite_target.Writer`)."""
     w.fail(op, "the tflite target has no lowering for this IR op yet; export with --target=mpq")
