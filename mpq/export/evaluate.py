@@ -14,7 +14,7 @@ import numpy as np
 from mpq import data as data_lib
 from mpq.errors import UserError
 from mpq.export import targets as targets_lib
-from mpq.export.exporter import ExportError
+from mpq.export.exporter import ExportError, fake_quant_logits
 
 
 def test_set(data, num_examples: int | None = None, batch_size: int = 500) -> dict:
@@ -94,16 +94,6 @@ def scores(manifest: dict, outputs: np.ndarray, labels: np.ndarray) -> dict:
   loss = np.log(np.exp(z).sum(-1)) - z[np.arange(len(labels)), labels]
   return {"accuracy": float(np.mean(outputs.argmax(-1) == labels)), "loss": float(loss.mean()),
           "num_examples": int(len(labels))}
-
-
-def fake_quant_logits(fq_model, images, batch_size: int = 500) -> np.ndarray:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, state = nnx.split(fq_model)
-  call = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=False))
-  return np.concatenate([np.asarray(call(state, jnp.asarray(images[i:i + batch_size])), np.float64)
-                         for i in range(0, len(images), batch_size)])
 
 
 def evaluate_int(manifest: dict, tensors: dict, data, batch_size: int = 500, fq_model=None,

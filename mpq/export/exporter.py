@@ -80,18 +80,24 @@ def export(model, image_shape, out_dir: str, meta: dict | None = None, target: s
   return manifest
 
 
-def calibrate_output(model, images, batch_size: int = 500) -> dict:
-  """The int8 grid of the logits (per tensor, affine) from their range over `images` (the
-  fake-quant model at evaluation): `s = float32((hi - lo) / 255)` with `lo <= 0 <= hi`,
-  `z = round(-128 - lo / s)` in [-128, 127]."""
+def fake_quant_logits(model, images, batch_size: int = 500) -> np.ndarray:
+  """The (fake-quant) model's logits at evaluation for float `images`, in batches of
+  `batch_size` through one jitted forward; float64."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   graphdef, state = nnx.split(model)
   call = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, train=False))
-  lo = hi = 0.0
-  for i in range(0, len(images), batch_size):
-    y = np.asarray(call(state, np.asarray(images[i:i + batch_size], np.float32)))
-    lo, hi = min(lo, float(y.min())), max(hi, float(y.max()))
+  return np.concatenate([
+      np.asarray(call(state, np.asarray(images[i:i + batch_size], np.float32)), np.float64)
+      for i in range(0, len(images), batch_size)])
+
+
+def calibrate_output(model, images, batch_size: int = 500) -> dict:
+  """The int8 grid of the logits (per tensor, affine) from their range over `images` (the
+  fake-quant model at evaluation): `s = float32((hi - lo) / 255)` with `lo <= 0 <= hi`,
+  `z = round(-128 - lo / s)` in [-128, 127]."""
+  y = fake_quant_logits(model, images, batch_size)
+  lo, hi = min(0.0, float(y.min())), max(0.0, float(y.max()))
   if hi - lo <= 0 or not math.isfinite(hi - lo):
     raise ExportError(f"cannot calibrate the output grid: the logits' range is [{lo}, {hi}]")
   scale = float(np.float32((hi - lo) / 255.0))

@@ -164,19 +164,17 @@ def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
       rule = _rule(kind, family, src)
     except ValueError as e:
       raise ExportError(f"op {op['name']!r}: {e}") from None
-    fixed = {k: v for k, v in op.items() if k not in ("scale", "rule")}
-    op = {k: v for k, v in fixed.items() if k not in ("multiplier", "shift")}
-    op["rule"] = rule
-    if rule != "float32_even":  # every fixed-point family derives the same (M0, shift)
-      op["multiplier"], op["shift"] = fixed["multiplier"], fixed["shift"]
-    elif "weight_scale" in src:
+    # every fixed-point family derives the same (M0, shift): the exported ones stay
+    op = dict(op, rule=rule)
+    if rule == "float32_even":
+      if "weight_scale" not in src:
+        raise ExportError(f"op {op['name']!r}: XNNPACK's requantization of {kind} is not known")
+      del op["multiplier"], op["shift"]
       s_w = np.asarray(src["weight_scale"], np.float32)
       scale = (np.float32(src["input_scale"]) * s_w).astype(np.float32) / np.float32(
           op["output_scale"])
       tensors[f"{op['name']}/scale"] = np.asarray(scale, np.float32).reshape(-1)
       op["scale"] = f"{op['name']}/scale"
-    else:
-      raise ExportError(f"op {op['name']!r}: XNNPACK's requantization of {kind} is not known")
     new_ops.append(op)
   return dict(manifest, ops=new_ops, family=family), tensors
 
