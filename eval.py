@@ -4,9 +4,10 @@
   python eval.py --workdir=FLOAT_DIR --ptq [--w_bits=8 --a_bits=8 --calib_act=percentile]
   python eval.py --workdir=QAT_DIR --mode=int [--export=OUT] [--compare]   (or FLOAT_DIR --ptq)
   python eval.py --workdir=QAT_DIR --export=OUT --target=tflite  (OUT/model.tflite + mpq manifest)
+  python eval.py --workdir=QAT_DIR --export=OUT --target=onnx    (OUT/model.onnx + mpq manifest)
   python eval.py --model=OUT --mode=int [--emulate=litert-ruy]  (an exported model alone, in mpq's
                                                                executor, emulating a kernel family)
-  python eval.py --model=OUT --runtime=litert-ref               (the file in the real runtime,
+  python eval.py --model=OUT --runtime=litert-ref|ort           (the file in the real runtime,
                                                                compared with mpq's emulation)
   [--num_examples=N] [--save_outputs=F.npz] with --mode=int or --runtime
 """
@@ -40,13 +41,14 @@ flags.DEFINE_integer("a_bits", 8, "--ptq: activation bits.")
 flags.DEFINE_string("calib_act", "percentile", "--ptq: max, percentile, mse or entropy.")
 flags.DEFINE_string("calib_weight", "mse", "--ptq: max or mse (per channel).")
 flags.DEFINE_string("target", "mpq", "--export: the export target, mpq (manifest.json + "
-                    "weights.npz) or tflite (model.tflite and the mpq manifest of the same model).")
+                    "weights.npz), tflite (model.tflite and the mpq manifest of the same model) or "
+                    "onnx (model.onnx and the mpq manifest).")
 flags.DEFINE_string("emulate", None, "--mode=int: the kernel family mpq's executor emulates (mpq; "
-                    "litert-ref, litert-ruy, litert-auto for tflite exports); default: the "
-                    "exported manifest's (mpq, or litert-ref).")
+                    "litert-ref, litert-ruy, litert-auto for tflite exports; ort for onnx "
+                    "exports); default: the exported manifest's (mpq, litert-ref or ort).")
 flags.DEFINE_string("runtime", None, "Run the exported file in a real runtime (litert-ref, "
-                    "litert-ruy, litert-auto; needs the deploy extra) and compare it with mpq's "
-                    "emulation of that path.")
+                    "litert-ruy, litert-auto for .tflite; ort for .onnx; needs the deploy extra) "
+                    "and compare it with mpq's emulation of that path.")
 flags.DEFINE_integer("num_examples", None, "Evaluate the first N test images only.")
 flags.DEFINE_string("save_outputs", None, "--mode=int / --runtime: write images (what the file "
                     "takes), outputs (what it produces) and labels to this .npz, in test order.")
@@ -54,7 +56,7 @@ flags.DEFINE_enum("tflite_weights", None, ["compact", "exact"], "--target=tflite
                   "(default: weights of 2-4 bits as INT2/INT4 tensors) or exact (int8 weights "
                   "scaled by 2^k so that LiteRT's fixed-point requantization rounds more exactly; "
                   "see the README).")
-flags.DEFINE_integer("calib_examples", 1000, "--export to a target with int8 logits: training "
+flags.DEFINE_integer("calib_examples", 1000, "--export to a target with integer logits: training "
                      "images that calibrate the output grid.")
 
 
@@ -160,7 +162,7 @@ def _integer(F):
                       "or --ptq to calibrate this one")
     model_dir = F.export or tempfile.mkdtemp(prefix="mpq_int_")
     calib = None
-    if export.TARGETS[F.target].int8_output:
+    if export.TARGETS[F.target].output_dtype:
       calib = next(data_lib.eval_batches(data, F.calib_examples, split="train"))["image"]
     export.export(fq_model, data.image_shape, model_dir,
                   {"dataset": config.dataset, "data_dir": config.data_dir,

@@ -34,6 +34,37 @@ def tiny_config():
   return tiny.get_config()
 
 
+# Tiny cnn (width 0.25) cases that every export target is tested on, against its runtime:
+# name -> (estimator, w_bits, a_bits, rules).
+TINY_CASES = {
+    "w8a8_lsq": ("lsq", 8, 8, ()),
+    "w4a4_tqt": ("tqt", 4, 4, ()),  # power-of-two scales: exact ties in every requantization
+    "w2a2_lsq": ("lsq", 2, 2, ()),
+    "w3a3_ste": ("ste", 3, 3, ()),  # affine activation grids with zero points
+    "mixed": ("lsq", 8, 8, (("conv1", {"w_bits": 3, "estimator": "ste"}),
+                            ("conv2", {"w_bits": 5, "a_bits": 7, "estimator": "tqt"}),
+                            ("conv3", {"w_bits": 2, "a_bits": 3, "estimator": "lsq"}),
+                            ("fc1", {"w_bits": 7, "a_bits": 5, "estimator": "noise"}),
+                            ("head", {"w_bits": 4, "a_bits": 2, "estimator": "dbits"}))),
+}
+_TINY_MODELS: dict = {}
+
+
+def tiny_case_model(case):
+  """calibrated_model("cnn", width 0.25, *TINY_CASES[case]), built once per test session (the
+  export tests of every target share it; exporting does not change a model)."""
+  if case not in _TINY_MODELS:
+    _TINY_MODELS[case] = calibrated_model("cnn", {"width": 0.25}, *TINY_CASES[case])
+  return _TINY_MODELS[case]
+
+
+def calibration_images(n=512):
+  """The first `n` training images (float, normalised): what exports calibrate their output on."""
+  from mpq import data as data_lib
+  return next(data_lib.eval_batches(data_lib.load("fashion_mnist", None, n, 1), n,
+                                    split="train"))["image"]
+
+
 def calibrated_model(model_name, model_kwargs, estimator, w_bits, a_bits, rules=()):
   """A calibrated (untrained) quantized model of configs/tiny.py's settings, 256 test images
   (float, normalised) and the image shape."""

@@ -162,12 +162,14 @@ def test_integer_model_equals_fake_quant_bit_for_bit(tmp_path, model_name, kw, e
     assert kinds.count("add") == 9 and kinds.count("sum_pool") == 1 and "shift" in kinds
 
 
-def test_mobilenet_exports_agree_on_top1_and_run_in_litert_as_emulated(tmp_path):
+def test_mobilenet_exports_agree_on_top1_and_run_in_litert_and_ort_as_emulated(tmp_path):
   """MobileNetV2 (width 0.35), random weight bits 2-8 per layer, 8-bit activations.
   mpq target: ReLU6 before global pooling is clamped on the accumulator at round(6 / scale),
   which can move a pooled value across a rounding boundary; top-1 still agrees on every image.
   tflite target: depthwise convs, ReLU6 as the grid's top at int8's top, residual ADDs without an
-  activation, MEAN of the int8 tensor: 0 mismatching logits in litert-ref and litert-ruy."""
+  activation, MEAN of the int8 tensor: 0 mismatching logits in litert-ref and litert-ruy.
+  onnx target: grouped QLinearConv, QLinearAdd, QLinearGlobalAveragePool: 0 mismatching logits in
+  ONNX Runtime."""
   import random
   import ml_collections
   from configs import tiny
@@ -207,6 +209,15 @@ def test_mobilenet_exports_agree_on_top1_and_run_in_litert_as_emulated(tmp_path)
     got = tflite_target.run_litert(str(tmp_path / "tfl"), family, batch["pixels"])
     want = executor_outputs(*tflite_target.emulate(manifest, tensors, family), batch["pixels"])
     assert int(np.sum(got != want)) == 0, f"{family}: {np.sum(got != want)} outputs differ"
+  # the onnx target
+  from mpq.export import onnx_target
+  export.export(model, ds.image_shape, str(tmp_path / "onnx"), target="onnx", calibration=x)
+  manifest, tensors = export.load(str(tmp_path / "onnx"))
+  kinds = [op["op"] for op in manifest["ops"]]
+  assert "qlinear_add" in kinds and "mean" in kinds
+  got = onnx_target.run_ort(str(tmp_path / "onnx"), "ort", onnx_target.file_input(batch["pixels"]))
+  want = executor_outputs(manifest, tensors, batch["pixels"])
+  assert int(np.sum(got != want)) == 0, f"ort: {np.sum(got != want)} outputs differ"
 
 
 def test_integer_core_has_no_float_ops(tiny_export):

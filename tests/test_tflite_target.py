@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import calibrated_model, run_cli, snapshot
+from conftest import (TINY_CASES, calibrated_model, calibration_images, run_cli, snapshot,
+                      tiny_case_model)
 from mpq import data as data_lib, export
 from mpq.export import tflite_builder as tb, tflite_target
 from mpq.export.evaluate import executor_outputs
@@ -16,22 +17,11 @@ from mpq.export.exporter import ExportError
 
 NUM_IMAGES = 512
 
-# (estimator, w_bits, a_bits, rules). Weights of 3-4 bits are INT4 tensors (CONV_2D,
-# FULLY_CONNECTED), of 2 bits INT2 (FULLY_CONNECTED) or INT4 (CONV_2D); activations below 8 bits
-# are int8 tensors whose grid top is int8's top (`Writer.storage_offset`).
-# "exact": weights='exact' (int8 weights scaled by 2^k, `tflite_target.weight_layout`).
-CASES = {
-    "w8a8_lsq": ("lsq", 8, 8, ()),
-    "w4a4_tqt": ("tqt", 4, 4, ()),  # power-of-two scales: exact ties in every requantization
-    "w2a2_lsq": ("lsq", 2, 2, ()),
-    "w2a2_lsq_exact": ("lsq", 2, 2, ()),
-    "w3a3_ste": ("ste", 3, 3, ()),  # affine activation grids with zero points
-    "mixed": ("lsq", 8, 8, (("conv1", {"w_bits": 3, "estimator": "ste"}),
-                            ("conv2", {"w_bits": 5, "a_bits": 7, "estimator": "tqt"}),
-                            ("conv3", {"w_bits": 2, "a_bits": 3, "estimator": "lsq"}),
-                            ("fc1", {"w_bits": 7, "a_bits": 5, "estimator": "noise"}),
-                            ("head", {"w_bits": 4, "a_bits": 2, "estimator": "dbits"}))),
-}
+# conftest.TINY_CASES, plus w2a2_lsq with weights='exact' (int8 weights scaled by 2^k,
+# `tflite_target.weight_layout`). Weights of 3-4 bits are INT4 tensors (CONV_2D, FULLY_CONNECTED),
+# of 2 bits INT2 (FULLY_CONNECTED) or INT4 (CONV_2D); activations below 8 bits are int8 tensors
+# whose grid top is int8's top (`Writer.storage_offset`).
+CASES = {**{k: k for k in TINY_CASES}, "w2a2_lsq_exact": "w2a2_lsq"}
 
 
 def _pixels(n=NUM_IMAGES):
@@ -39,19 +29,13 @@ def _pixels(n=NUM_IMAGES):
   return next(data_lib.eval_batches(ds, n))
 
 
-def _export(out, estimator, w_bits, a_bits, rules, options=None):
-  model, _, shape = calibrated_model("cnn", {"width": 0.25}, estimator, w_bits, a_bits, rules)
-  calib = next(data_lib.eval_batches(data_lib.load("fashion_mnist", None, 512, 1), 512,
-                                     split="train"))["image"]
-  export.export(model, shape, str(out), target="tflite", calibration=calib, options=options)
-  return model
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request, tmp_path_factory):
   out = tmp_path_factory.mktemp(request.param) / "tfl"
   options = {"weights": "exact"} if request.param.endswith("_exact") else None
-  model = _export(out, *CASES[request.param], options=options)
+  model, _, shape = tiny_case_model(CASES[request.param])
+  export.export(model, shape, str(out), target="tflite", calibration=calibration_images(),
+                options=options)
   manifest, tensors = export.load(str(out))
   return request.param, out, model, manifest, tensors
 
@@ -252,7 +236,7 @@ def test_resnet20_runs_in_litert_as_mpq_emulates_it(resnet_export, family):
 
 def test_resnet20_litert_auto_is_refused_until_measured(resnet_export):
   _, _, manifest, tensors = resnet_export
-  with pytest.raises(ExportError, match="in litert-auto has not been measured against LiteRT|"
+  with pytest.raises(ExportError, match="in litert-auto has not been measured against|"
                      "XNNPACK takes ADD.*not been measured"):
     tflite_target.emulate(manifest, tensors, "litert-auto")
 

@@ -2,8 +2,9 @@
 a kernel family (`emulate`), or in a real runtime (`run_runtime`); optionally against the
 fake-quant model it came from (top-1 agreement, logit differences in output LSBs).
 
-Outputs are what the exported file produces: int8 logits on the calibrated output grid for a target
-with int8 outputs (`Target.int8_output`, e.g. tflite), float32 logits otherwise (mpq). Top-1 is
+Outputs are what the exported file produces: integer logits on the calibrated output grid for a
+target with integer outputs (`Target.output_dtype`: int8 for tflite, uint8 for onnx), float32
+logits otherwise (mpq). Top-1 is
 `argmax` with ties to the lowest index, on the outputs themselves.
 """
 
@@ -74,7 +75,7 @@ def executor_outputs(manifest: dict, tensors: dict, images, batch_size: int = 50
   outs = []
   for i in range(0, len(images), batch_size):
     x = images[i:i + batch_size]
-    outs.append(np.asarray(core(quantize(x))).astype(np.int8) if t.int8_output else
+    outs.append(np.asarray(core(quantize(x))).astype(t.output_dtype) if t.output_dtype else
                 np.asarray(run(x), np.float32))
   return np.concatenate(outs)
 
@@ -117,7 +118,7 @@ def evaluate_int(manifest: dict, tensors: dict, data, batch_size: int = 500, fq_
     out["agreement_with_fake_quant"] = float(np.mean(fq.argmax(-1) == outputs.argmax(-1)))
     out["max_logit_lsb_diff"] = float(np.max(np.abs(fq - logits(manifest, outputs)) / lsb))
   if keep_outputs:
-    out.update(images=images, outputs=outputs, labels=ts["label"])
+    out.update(images=target_of(manifest).file_input(images), outputs=outputs, labels=ts["label"])
   return out
 
 
@@ -130,7 +131,8 @@ def evaluate_runtime(model_dir: str, manifest: dict, tensors: dict, data, runtim
   t = resolve(manifest, model_dir, runtime, "runtime")
   ts = test_set(data, num_examples, batch_size)
   images = ts["pixels"] if manifest["input"].get("pixels") else ts["image"]
-  got = t.run(model_dir, runtime, images)
+  fed = t.file_input(images)
+  got = t.run(model_dir, runtime, fed)
   m, tt = t.emulate(manifest, tensors, runtime)
   want = executor_outputs(m, tt, images, batch_size)
   if got.shape != want.shape or got.dtype != want.dtype:
@@ -142,5 +144,5 @@ def evaluate_runtime(model_dir: str, manifest: dict, tensors: dict, data, runtim
              mismatches=int(differ.sum()), mismatched_examples=int(differ.any(-1).sum()),
              emulation_accuracy=float(np.mean(want.argmax(-1) == ts["label"])))
   if keep_outputs:
-    out.update(images=images, outputs=got, labels=ts["label"])
+    out.update(images=fed, outputs=got, labels=ts["label"])
   return out

@@ -60,7 +60,7 @@ def export(model, image_shape, out_dir: str, meta: dict | None = None, target: s
   """Lowers `model` and writes it with `target`'s writer (`mpq`: `out_dir/manifest.json` and
   `out_dir/weights.npz`); returns the manifest. `meta` (e.g. dataset, model, source checkpoint) is
   stored under "source". `calibration`: model inputs (float, normalised) from which a target with
-  an int8 output (`Target.int8_output`) calibrates its output grid. `out_dir` is checked first
+  integer outputs (`Target.output_dtype`) calibrates its output grid. `out_dir` is checked first
   (`check_out_dir`: new, empty, or an earlier export, which is replaced as a whole; anything else
   is refused before any work) and written through a temporary sibling directory (`write`), so a
   failure leaves it as it was. `options`: the target's export options (`Target.options`, e.g.
@@ -69,11 +69,11 @@ def export(model, image_shape, out_dir: str, meta: dict | None = None, target: s
   options = t.check_options(options or {})
   check_out_dir(out_dir)
   output_grid = None
-  if t.int8_output:
+  if t.output_dtype is not None:
     if calibration is None:
-      raise ExportError(f"export target {t.name!r} outputs int8 logits, whose grid is calibrated: "
-                        "pass calibration images")
-    output_grid = calibrate_output(model, calibration)
+      raise ExportError(f"export target {t.name!r} outputs {t.output_dtype} logits, whose grid is "
+                        "calibrated: pass calibration images")
+    output_grid = calibrate_output(model, calibration, signed=t.output_dtype == "int8")
   lowering = Lowering(graph_lib.capture(model, image_shape), image_shape, t, output_grid, options)
   manifest = lowering.run(meta)
   write(out_dir, t, manifest, lowering.tensors)
@@ -92,18 +92,19 @@ def fake_quant_logits(model, images, batch_size: int = 500) -> np.ndarray:
       for i in range(0, len(images), batch_size)])
 
 
-def calibrate_output(model, images, batch_size: int = 500) -> dict:
-  """The int8 grid of the logits (per tensor, affine) from their range over `images` (the
+def calibrate_output(model, images, batch_size: int = 500, signed: bool = True) -> dict:
+  """The 8-bit grid of the logits (per tensor, affine) from their range over `images` (the
   fake-quant model at evaluation): `s = float32((hi - lo) / 255)` with `lo <= 0 <= hi`,
-  `z = round(-128 - lo / s)` in [-128, 127]."""
+  `z = round(qmin - lo / s)` in [qmin, qmin + 255] (qmin -128 `signed`, int8; else 0, uint8)."""
+  qmin = -128 if signed else 0
   y = fake_quant_logits(model, images, batch_size)
   lo, hi = min(0.0, float(y.min())), max(0.0, float(y.max()))
   if hi - lo <= 0 or not math.isfinite(hi - lo):
     raise ExportError(f"cannot calibrate the output grid: the logits' range is [{lo}, {hi}]")
   scale = float(np.float32((hi - lo) / 255.0))
-  zero_point = int(np.clip(np.floor(-128.0 - lo / scale + 0.5), -128, 127))
+  zero_point = int(np.clip(np.floor(qmin - lo / scale + 0.5), qmin, qmin + 255))
   return {"scale": np.asarray([scale]), "zero_point": np.asarray([zero_point]), "bits": 8,
-          "signed": True, "qmin": -128, "qmax": 127}
+          "signed": signed, "qmin": qmin, "qmax": qmin + 255}
 
 
 # -- the output directory
@@ -383,7 +384,8 @@ class Lowering:
     z_out, s_out = int(g["zero_point"][0]), float(g["scale"][0])
     out_max = max(abs(lo - z_out), abs(hi - z_out)) + 1
     try:
-      rule, fields = self.target.requantizer(acc, s_out, out_max)
+      rule, fields = self.target.requantizer(acc, s_out, out_max,
+                                             {"zero_point": z_out, "clamp": [lo, hi]})
     except ValueError as e:
       self.fail(f"layer {acc.name!r}: {e}")
     op = {"op": "requantize", "name": key, "input": acc.tensor}

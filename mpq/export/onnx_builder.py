@@ -165,15 +165,18 @@ class OnnxBuilder:
                                                  domain=domain, **attrs))
     return outs[0] if len(outs) == 1 else outs
 
-  def finish(self, check: bool = True) -> bytes:
-    """The serialized model (IR version 10; opset `opset`, plus com.microsoft when used). `check`
-    runs `onnx.checker` (contrib ops are not checked against a schema)."""
+  def finish(self, check: bool = True, metadata: dict | None = None) -> bytes:
+    """The serialized model (IR version 10; opset `opset`, plus com.microsoft when used), with
+    `metadata` ({str: str}) as its `metadata_props`. `check` runs `onnx.checker` (contrib ops are
+    not checked against a schema)."""
     h = self.onnx.helper
     graph = h.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
     opsets = [h.make_opsetid("", self.opset)]
     if self._uses_ms:
       opsets.append(h.make_opsetid(MS_DOMAIN, self.ms_opset))
     model = h.make_model(graph, opset_imports=opsets, producer_name="mpq", ir_version=10)
+    if metadata:
+      h.set_model_props(model, {str(k): str(v) for k, v in metadata.items()})
     if check:
       self.onnx.checker.check_model(model)
     return model.SerializeToString()

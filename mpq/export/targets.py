@@ -7,26 +7,35 @@ A target (`Target`, registered in `TARGETS` by name) owns
                                       holding an mpq manifest and only files some target writes
                                       is an earlier export, which a new export may replace
   multiplier(m, out_max)              how a real multiplier becomes (M0, shift) for its kernels
-  requantizer(acc, s_out, out_max)    the `requantize` op of accumulator `acc`
-                                      (`mpq.export.exporter.Acc`) onto a grid of scale `s_out`:
-                                      (rule name or None for the default, {field: tensor}); a
-                                      ValueError says what the target cannot express
+  requantizer(acc, s_out, out_max, out)
+                                      the `requantize` op of accumulator `acc`
+                                      (`mpq.export.exporter.Acc`) onto a grid of scale `s_out`
+                                      (`out`: its "zero_point" and "clamp"): (rule name or None
+                                      for the default, {field: tensor}); a ValueError says what
+                                      the target cannot express
   rounding                            the rounding rule of each IR op (`mpq.rounding.RULES` names;
                                       `"*"` is the default), used where the lowering rounds
                                       (`Lowering.round`, e.g. a ReLU6 clamp bound)
-  int8_output                         the logits leave as int8 on a calibrated grid (TFLite's
-                                      FULLY_CONNECTED cannot output int32), not as float
+  output_dtype                        "int8" / "uint8": the logits leave as that integer type on
+                                      a calibrated grid (TFLite's FULLY_CONNECTED cannot output
+                                      int32; ORT's uint8 QGemm outputs uint8); None: as float
   pixel_input                         the model takes the uint8 image (the first quantizer must
                                       be the pixel grid)
   emulations, emulate(m, t, name)     the kernel families whose arithmetic the executor emulates
                                       for its files: (manifest, tensors) rewritten for `name`
                                       (the first name: the manifest as exported)
   runtimes, run(dir, name, images)    the real runtimes that run its files: the file's output for
-                                      `images` (what the file takes: uint8 pixels, or float)
+                                      `images` (what the file takes: `file_input(pixels)`, e.g.
+                                      NCHW for onnx, or float)
   options, weight_layout(...)         its export options ({name: (values, default)}), and how a
                                       dense/conv layer's integer weights are laid out for it
                                       (weight grid, integer weights, integer bias, options) ->
                                       the same three, as the IR op holds them
+  add_ir                              the IR op a residual addition lowers to (`add`: mpq's and
+                                      TFLite's fixed-point form; `qlinear_add`: ORT's float form)
+  storage_offset(lo, hi)              what the file adds to the integers of a grid tensor whose
+                                      values lie in [lo, hi] (its storage type's range), or None
+                                      where [lo, hi] does not fit it
 Entries: mpq's own format, `mpq` (`mpq-int` manifest + weights.npz, half up everywhere,
 `requant_multiplier`: the more faithful of TFLite's normalised double-rounding form and a
 single-rounding form), whose rules the executor's kernels implement; and `tflite`
@@ -55,7 +64,7 @@ class Target:
   multiplier: Callable[[float, float], tuple[int, int]]
   rounding: dict
   requantizer: Callable
-  int8_output: bool = False
+  output_dtype: str | None = None
   pixel_input: bool = False
   emulations: tuple[str, ...] = ()
   emulate: Callable | None = None
@@ -69,6 +78,10 @@ class Target:
   # (average pooling as a mean of the grid integers), not on the int32 accumulator
   grid_transforms: bool = False
   weight_layout: Callable = lambda g_w, w_int, bias, options: (g_w, w_int, bias)
+  add_ir: str = "add"
+  storage_offset: Callable = lambda lo, hi: 0
+  # the array its file takes for uint8 NHWC images (onnx: NCHW)
+  file_input: Callable = lambda pixels: pixels
 
   def check_options(self, options: dict) -> dict:
     """`options` completed with the defaults; a one-line error for an unknown option or value."""
@@ -114,8 +127,9 @@ def fixed_point(pairs, shape) -> dict:
           "shift": np.asarray([p[1] for p in pairs], np.int32).reshape(shape)}
 
 
-def _mpq_requantizer(acc, s_out: float, out_max: float):
+def _mpq_requantizer(acc, s_out: float, out_max: float, out: dict):
   """mpq's rule (the default, `double`) with `requant_multiplier(s_acc / s_out)` per channel."""
+  del out
   pairs = [requant_multiplier(m, out_max) for m in np.ravel(acc.scale / s_out)]
   return None, fixed_point(pairs, np.shape(acc.scale))
 
@@ -124,4 +138,4 @@ register(Target("mpq", write_mpq, ("manifest.json", "weights.npz"), requant_mult
                 {"*": "half_up"}, _mpq_requantizer, emulations=("mpq",),
                 emulate=lambda manifest, tensors, name: (manifest, tensors)))
 
-from mpq.export import tflite_target  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position
+from mpq.export import onnx_target, tflite_target  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -19,7 +19,7 @@ What the target decides (`mpq.export.targets.Target`):
   input         the uint8 image (`pixel_input`: the first quantizer must be the pixel grid), shape
                 [batch, H, W, C] with a dynamic batch, then QUANTIZE uint8 -> int8 (exact: equal
                 scales, zero point - 128)
-  output        int8 logits on a calibrated per-tensor grid (`int8_output`; FULLY_CONNECTED cannot
+  output        int8 logits on a calibrated per-tensor grid (`output_dtype`; FULLY_CONNECTED cannot
                 output int32); argmax ties go to the lowest index
 
 The .tflite graph is written from the validated manifest (`to_tflite`): every IR op lowers itself
@@ -68,14 +68,15 @@ def f32(x) -> float:
   return float(np.float32(x))
 
 
-def requantizer(acc, s_out: float, out_max: float, family: str = FAMILY):
+def requantizer(acc, s_out: float, out_max: float, out: dict | None = None,
+                family: str = FAMILY):
   """The `requantize` op's rule and tensors for accumulator `acc` onto a grid of scale `s_out`, as
   LiteRT computes it in `family`: `QuantizeMultiplier(s_acc / s_out)` per channel, where `s_acc`
   is, in double, exactly what LiteRT forms from the file's float32 scales (`s_in s_w`: a product
   of two float32 values is exact in double; ADD's `2 max(s_a, s_b) / 2^20`)."""
   from mpq import ops  # pylint: disable=g-import-not-at-top
   from mpq.export.targets import fixed_point  # pylint: disable=g-import-not-at-top
-  del out_max
+  del out_max, out
   producer = acc.producer or {}
   kind = ops.ir_op(producer["op"]).tflite_op(producer) if "op" in producer else None
   if kind is None:
@@ -102,6 +103,14 @@ def weight_layout(g_w: dict, w_int, bias, options: dict):
     k += 1
   g = dict(g_w, scale=g_w["scale"] / 2.0 ** k, bits=8, w_bits_trained=g_w["bits"], weight_shift=k)
   return g, w_int * 2 ** k, bias * 2.0 ** k
+
+
+def storage_offset(lo: int, hi: int) -> int | None:
+  """What int8 storage adds to the integers of a grid tensor whose values lie in [lo, hi]:
+  `127 - hi`, so the grid's top is int8's top and a fused activation (which clamps at 127)
+  enforces it (shared/DEPLOY.md's construction for grids below 8 bits; an unsigned 8-bit grid
+  moves by -128, a signed one stays). None where [lo, hi] spans more than int8 holds."""
+  return 127 - hi if hi - lo <= 255 else None
 
 
 def weight_dtype(op: dict) -> str:
@@ -241,13 +250,7 @@ class Writer:
     return [-1, *shape[1:]]
 
   # -- integer grid tensors
-  @staticmethod
-  def storage_offset(lo: int, hi: int) -> int | None:
-    """What int8 storage adds to the integers of a grid tensor whose values lie in [lo, hi]:
-    `127 - hi`, so the grid's top is int8's top and a fused activation (which clamps at 127)
-    enforces it (shared/DEPLOY.md's construction for grids below 8 bits; an unsigned 8-bit grid
-    moves by -128, a signed one stays). None where [lo, hi] spans more than int8 holds."""
-    return 127 - hi if hi - lo <= 255 else None
+  storage_offset = staticmethod(storage_offset)
 
   def grid_tensor(self, name: str, scale: float, zero_point: int, lo: int, hi: int, op: dict) -> int:
     """A new int8 activation tensor for IR grid tensor `name` (integers in [lo, hi], zero point
@@ -354,10 +357,11 @@ def _register():
   targets.register(targets.Target(
       "tflite", _write, ("manifest.json", "weights.npz", FILE),
       lambda m, out_max: quantize_multiplier(m),  # LiteRT's QuantizeMultiplier (ADD's inputs)
-      {"*": "half_up"}, requantizer, int8_output=True, pixel_input=True, emulations=FAMILIES,
+      {"*": "half_up"}, requantizer, output_dtype="int8", pixel_input=True, emulations=FAMILIES,
       add_shift=lambda bits: 20, grid_transforms=True,
       emulate=emulate, runtimes=FAMILIES, run=run_litert,
-      options={"weights": (("compact", "exact"), "compact")}, weight_layout=weight_layout))
+      options={"weights": (("compact", "exact"), "compact")}, weight_layout=weight_layout,
+      storage_offset=storage_offset))
 
 
 _register()

@@ -54,6 +54,16 @@ class Quantize(IROp):
     y = w.grid_tensor(op["output"], op["scale"], op["zero_point"], op["qmin"], op["qmax"], op)
     w.builder.add_operator("QUANTIZE", [x], [y])
 
+  def onnx(self, op, w):
+    """The uint8 image input ([batch, C, H, W], the batch dynamic), read directly by the first
+    QLinear op: the pixel grid is the stored uint8 (offset 0)."""
+    if not op.get("pixels", False):
+      w.fail(op, "the onnx target takes the uint8 image; the first quantizer must be the pixel "
+             "grid (train with --config.input_norm=pixel)")
+    w.names[op["output"]] = "input"
+    w.builder.input("input", w.shape("input"), "uint8")
+    w.grid_tensor(op["output"], op["scale"], op["zero_point"], op["qmin"], op["qmax"], op)
+
   def kernel(self, op, env, tensors):
     x = jnp.asarray(env[op["input"]])
     if op.get("pixels", False) and jnp.issubdtype(x.dtype, jnp.integer):
@@ -178,6 +188,10 @@ class Requantize(IROp):
     w.fail(op, "a requantization that no kernel performs (of an addition or an average pooling) "
            "has no tflite lowering yet; export with --target=mpq")
 
+  def onnx(self, op, w):
+    w.fail(op, "a requantization that no QLinear op performs has no onnx lowering; export with "
+           "--target=mpq")
+
 
 def _requantize_grid_double(x, m0, e):
   return multiply_by_quantized_multiplier(x, jnp.int32(m0), jnp.int32(e), nonneg=True)
@@ -193,15 +207,38 @@ def _requantize_grid_optimized(x, m0, e):
   return y.reshape(x.shape)
 
 
-GRID_RULES = {"double": _requantize_grid_double, "optimized": _requantize_grid_optimized}
-GRID_FAMILIES = {"litert-ref": "double", "litert-ruy": "optimized"}
+def _fixed_point_grid_rule(rule):
+  def apply(op, x):
+    m0, e = RequantizeGrid.multiplier(op)
+    return rule(x - jnp.int32(op["input_zero_point"]), m0, e) + jnp.int32(op["zero_point"])
+  return apply
+
+
+def _requantize_grid_ort(op, x):
+  """ONNX Runtime's DequantizeLinear then QuantizeLinear (the float path; `mpq.export.ort_rules`):
+  `rint_even(f32(f32(f32(q - z_in) s_in) / s_out)) + z_out`. Tabulated on the host in exact
+  float32 over every input a uint8 tensor can hold (`q - z_in` in [-255, 255]): no float
+  arithmetic runs in the executor, so nothing depends on how XLA compiles a division."""
+  from mpq.float32 import f32, rint_f32  # pylint: disable=g-import-not-at-top
+  d = np.arange(-255, 256)
+  table = rint_f32(f32(f32(f32(d) * f32(op["input_scale"])) / f32(op["scale"])))
+  table = np.clip(table, -2 ** 24, 2 ** 24).astype(np.int32)
+  idx = jnp.clip(x - jnp.int32(op["input_zero_point"]) + 255, 0, 510)
+  return jnp.asarray(table)[idx] + jnp.int32(op["zero_point"])
+
+
+GRID_RULES = {"double": _fixed_point_grid_rule(_requantize_grid_double),
+              "optimized": _fixed_point_grid_rule(_requantize_grid_optimized),
+              "ort": _requantize_grid_ort}
+GRID_FAMILIES = {"litert-ref": "double", "litert-ruy": "optimized", "ort": "ort"}
 
 
 class RequantizeGrid(IROp):
   """A grid tensor onto another grid (TFLite's QUANTIZE between int8 tensors): `clamp(MBQM(q -
   z_in, M0, e) + z_out)` with `M0, e = QuantizeMultiplier(double(f32 s_in) / double(f32 s_out))`
-  (derived from the fields); `rule` `double` (the reference kernel, default) or `optimized`
-  (`GRID_RULES`). A target whose ops have one output emits it where an accumulator feeds two
+  (derived from the fields); `rule` (`GRID_RULES`) `double` (the reference kernel, default),
+  `optimized`, or `ort` (ONNX Runtime's DequantizeLinear + QuantizeLinear in float32). A target
+  whose ops have one output emits it where an accumulator feeds two
   grids (`mpq.export.exporter.Lowering.requantize_grid`)."""
   name = "requantize_grid"
 
@@ -220,21 +257,20 @@ class RequantizeGrid(IROp):
          "tensor")
     return tuple(op["clamp"])
 
-  def multiplier(self, op) -> tuple[int, int]:
+  @staticmethod
+  def multiplier(op) -> tuple[int, int]:
     from mpq.fixedpoint import quantize_multiplier  # pylint: disable=g-import-not-at-top
     return quantize_multiplier(float(np.float32(op["input_scale"])) /
                                float(np.float32(op["scale"])))
 
   def for_family(self, op, family):
     if family not in GRID_FAMILIES:
-      raise ValueError(f"the requantization of an int8 tensor (QUANTIZE) in {family} has not been "
-                       "measured against LiteRT yet, so it cannot be emulated")
+      raise ValueError(f"the requantization of an integer tensor onto another grid in {family} has "
+                       "not been measured against the runtime yet, so it cannot be emulated")
     return dict(op, rule=GRID_FAMILIES[family])
 
   def kernel(self, op, env, tensors):
-    m0, e = self.multiplier(op)
-    x = env[op["input"]] - jnp.int32(op["input_zero_point"])
-    y = GRID_RULES[op.get("rule", "double")](x, m0, e) + jnp.int32(op["zero_point"])
+    y = GRID_RULES[op.get("rule", "double")](op, env[op["input"]])
     lo, hi = op["clamp"]
     return jnp.clip(y, jnp.int32(lo), jnp.int32(hi))
 
@@ -255,6 +291,20 @@ class RequantizeGrid(IROp):
     y = w.grid_tensor(op["output"], op["scale"], op["zero_point"], lo, hi, op)
     w.builder.add_operator("QUANTIZE", [x], [y])
 
+  def onnx(self, op, w):
+    """DequantizeLinear then QuantizeLinear (ORT runs both in float32; rule `ort`), and the Clip of a
+    grid narrower than uint8."""
+    if op.get("rule") != "ort":
+      w.fail(op, f"its rule {op.get('rule', 'double')!r} is not ONNX Runtime's ('ort')")
+    x, _ = w.grid(op, op["input"])
+    w.check_zero_point(op, op["input"], op["input_zero_point"])
+    xs, xz = w.qparams[op["input"]]
+    y, ys, yz = w.output_grid(op, op["output"], op["scale"], op["zero_point"], *op["clamp"])
+    b = w.builder
+    f = b.node("DequantizeLinear", [x, xs, xz], [f"{y}/float"])
+    b.node("QuantizeLinear", [f, ys, yz], [y])
+    w.clamp(op["output"])
+
 
 class Dequantize(IROp):
   """The logits as float: `(x - z) * scale_c` of the last accumulator (z = 0), or of the int8
@@ -272,6 +322,14 @@ class Dequantize(IROp):
     """The int8 logits are the graph's output (dequantizing is the caller's)."""
     x, _ = w.grid(op, op["input"])
     w.outputs.append(x)
+
+  def onnx(self, op, w):
+    """The uint8 logits (on a grid stored at offset 0) are the graph's output."""
+    x, off = w.grid(op, op["input"])
+    if off != 0:
+      w.fail(op, "the logits' grid must be unsigned 8-bit (the onnx target outputs uint8)")
+    w.check_zero_point(op, op["input"], op.get("zero_point", 0))
+    w.outputs.append((x, w.shape(op["input"])))
 
   def kernel(self, op, env, tensors):
     x = env[op["input"]] - jnp.int32(op.get("zero_point", 0))

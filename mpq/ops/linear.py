@@ -262,6 +262,41 @@ class LinearIR(IROp):
     b.add_operator(kind, [x, wt, bt], [y], options(act))
 
 
+  # -- the onnx target
+  def onnx_requantizer(self, op, s_out, out):
+    """QLinearConv / QGemm (`mpq.export.ort_rules`): rule `float32_even` with ORT's per-channel
+    float32 scale `f32(f32(f32(s_in) f32(s_w,c)) / f32(s_out))`."""
+    f32 = np.float32
+    s_w = np.asarray(op["weight_scale"], f32).reshape(-1)
+    scale = (f32(op["input_scale"]) * s_w).astype(f32) / f32(s_out)
+    return "float32_even", {"scale": np.asarray(scale, f32).reshape(-1)}
+
+  def onnx_node(self, op, w, x, xq, w_int, wq, bias, yq, y) -> None:
+    """Emits the QLinear node (per op kind)."""
+    raise NotImplementedError
+
+  def onnx(self, op, w):
+    """The QLinear op with int8 weights (any bits up to 8: QLinearConv and QGemm take no INT4),
+    per-channel float32 weight scales, the int32 bias, and the consuming requantization's grid as
+    its output (then a Clip where that grid is narrower than uint8)."""
+    if op["w_bits"] > 8:
+      w.fail(op, f"weights of {op['w_bits']} bits do not fit int8; the onnx target takes at most "
+             "8-bit weights")
+    r = w.requantize_of(op)
+    x, _ = w.grid(op, op["input"])
+    w.check_zero_point(op, op["input"], op["input_zero_point"])
+    w_int = np.asarray(w.tensors[op["weight"]])
+    cout = w_int.shape[-1]
+    b, name = w.builder, op["name"]
+    wq = (b.const(f"{name}/weight_scale", np.broadcast_to(
+        np.asarray(op["weight_scale"], np.float32).reshape(-1), (cout,))),
+          b.const(f"{name}/weight_zero_point", np.zeros(cout, np.int8), "int8"))
+    bias = b.const(f"{name}/bias", w.tensors[op["bias"]], "int32")
+    y, ys, yz = w.output_of(r)
+    self.onnx_node(op, w, x, w.qparams[op["input"]], w_int, wq, bias, (ys, yz), y)
+    w.clamp(r["output"])
+
+
 class DenseIR(LinearIR):
   name, conv, flatten = "dense", False, True
 
@@ -294,6 +329,24 @@ class DenseIR(LinearIR):
         "FullyConnectedOptions", fusedActivationFunction=act, keepNumDims=keep)
 
 
+  def onnx_node(self, op, w, x, xq, w_int, wq, bias, yq, y):
+    """com.microsoft QGemm (uint8 A, int8 B per column, int32 bias C). A flattening layer on an
+    NCHW tensor flattens it with Flatten, in C, H, W order: its weight rows, in the executor's
+    (NHWC) H, W, C order, are permuted to match."""
+    shape = w.shapes[op["input"]]
+    b = w.builder
+    if len(shape) == 4:
+      if not op.get("flatten", True):
+        w.fail(op, "a dense layer applied per position of a 4-d tensor has no onnx lowering")
+      _, h, wd, c = shape
+      w_int = w_int.reshape(h, wd, c, -1).transpose(2, 0, 1, 3).reshape(h * wd * c, -1)
+      x = b.node("Flatten", [x], [f"{x}/flat"], axis=1)
+    elif len(shape) != 2:
+      w.fail(op, f"a dense layer on a {len(shape)}-d input has no onnx lowering")
+    wt = b.const(f"{op['name']}/weight", w_int, "int8")
+    b.node("QGemm", [x, *xq, wt, *wq, bias, *yq], [y])
+
+
 class Conv2dIR(LinearIR):
   name, conv = "conv2d", True
 
@@ -321,6 +374,22 @@ class Conv2dIR(LinearIR):
           "Conv2DOptions", fusedActivationFunction=act, **common)
     return w_int.transpose(2, 0, 1, 3), 3, lambda act: w.builder.options(
         "DepthwiseConv2DOptions", fusedActivationFunction=act, depthMultiplier=1, **common)
+
+
+  def onnx_node(self, op, w, x, xq, w_int, wq, bias, yq, y):
+    """QLinearConv (OIHW weights, `group` groups: depthwise when it equals the channels), with
+    TensorFlow's SAME padding written as explicit pads (ORT pads with the input zero point)."""
+    kh, kw, _, _ = op["weight_shape"]
+    _, h, wd, _ = w.shapes[op["input"]]
+    pads = [0, 0, 0, 0]
+    if op["padding"] == "SAME":
+      for i, (n, k, s) in enumerate(zip((h, wd), (kh, kw), op["stride"])):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pads[i], pads[i + 2] = total // 2, total - total // 2
+    b = w.builder
+    wt = b.const(f"{op['name']}/weight", w_int.transpose(3, 2, 0, 1), "int8")
+    b.node("QLinearConv", [x, *xq, wt, *wq, *yq, bias], [y], kernel_shape=[kh, kw],
+           strides=list(op["stride"]), pads=pads, group=op["groups"], dilations=[1, 1])
 
 
 register(Dense(), Conv(), ConvBN(), DenseIR(), Conv2dIR())

@@ -79,7 +79,8 @@ class AvgPool(Transform):
     out = lw.new()
     lw.emit({"op": "mean", "name": f"{lw.consumer}/mean", "input": tensor, "output": out,
              "axes": list(node.layer.axes), "scale": g["scale"], "zero_point": g["zero_point"],
-             "clamp": [lo, hi], "bits": g["bits"], "storage_offset": 127 - hi})
+             "clamp": [lo, hi], "bits": g["bits"],
+             "storage_offset": lw.target.storage_offset(lo, hi)})
     lw.grids[out] = g
     return out
 
@@ -130,16 +131,29 @@ def _mean_xnnpack(total, n, z, s, off):
   return y - jnp.int32(off)
 
 
+def _mean_ort(total, n, z, s, off):
+  """ONNX Runtime's com.microsoft QLinearGlobalAveragePool (`ort_rules.qlinear_global_average_pool`):
+  the integer sum minus `z n` (independent of the storage offset), times the float32 scale
+  `f32(s / f32(s f32(n)))`, rounded half to even, plus z."""
+  f32 = np.float32
+  del off
+  scale = f32(f32(s) / f32(f32(s) * f32(n)))
+  acc = (total - jnp.int32(z * n)).astype(jnp.float32)
+  return jnp.round(acc * jnp.float32(scale)).astype(jnp.int32) + jnp.int32(z)
+
+
 MEAN_RULES = {"reference": _mean_reference, "optimized": _mean_optimized,
-              "xnnpack": _mean_xnnpack}
-MEAN_FAMILIES = {"litert-ref": "reference", "litert-ruy": "optimized", "litert-auto": "xnnpack"}
+              "xnnpack": _mean_xnnpack, "ort": _mean_ort}
+MEAN_FAMILIES = {"litert-ref": "reference", "litert-ruy": "optimized", "litert-auto": "xnnpack",
+                 "ort": "ort"}
 
 
 class MeanIR(IROp):
   """The mean of a grid tensor over `axes` on the same grid (TFLite's MEAN, keep_dims), rounded
   by `rule` (`MEAN_RULES`: each LiteRT kernel family's, measured in `mpq.export.litert_rules`);
   `storage_offset`: what the runtime adds to the integers it stores (its rules round the raw
-  stored sum). A target whose ops take int8 tensors lowers average pooling to it."""
+  stored sum). A target whose ops take int8 tensors lowers average pooling to it (TFLite's MEAN,
+  ONNX Runtime's QLinearGlobalAveragePool)."""
   name = "mean"
 
   def validate(self, op, raw, tensors, need):
@@ -181,6 +195,16 @@ class MeanIR(IROp):
     w.builder.add_operator("MEAN", [x, axes], [y], w.builder.options("ReducerOptions",
                                                                       keepDims=True))
 
+  def onnx(self, op, w):
+    """com.microsoft QLinearGlobalAveragePool (NCHW), the output quantized as its input."""
+    if op.get("rule") != "ort":
+      w.fail(op, f"its rule {op.get('rule', 'reference')!r} is not ONNX Runtime's ('ort')")
+    x, _ = w.grid(op, op["input"])
+    w.check_zero_point(op, op["input"], op["zero_point"])
+    xs, xz = w.qparams[op["input"]]
+    y = w.alias(op["output"], op["input"])
+    w.builder.node("QLinearGlobalAveragePool", [x, xs, xz, xs, xz], [y], channels_last=0)
+
 
 class MaxPoolIR(IROp):
   name = "max_pool"
@@ -206,6 +230,13 @@ class MaxPoolIR(IROp):
     w.builder.add_operator("MAX_POOL_2D", [x], [y], w.builder.options(
         "Pool2DOptions", padding="VALID", strideW=win, strideH=win, filterWidth=win,
         filterHeight=win, fusedActivationFunction="NONE"))
+
+  def onnx(self, op, w):
+    """MaxPool over non-overlapping windows on the stored uint8 values (order-preserving)."""
+    x, _ = w.grid(op, op["input"])
+    y = w.alias(op["output"], op["input"])
+    win = op["window"]
+    w.builder.node("MaxPool", [x], [y], kernel_shape=[win, win], strides=[win, win])
 
 
 class SumPoolIR(IROp):

@@ -15,6 +15,10 @@ registered in `IR_OPS` by their manifest name) define
   tflite(op, w)                      its lowering into a .tflite graph (`w`: the tflite target's
                                      `mpq.export.tflite_target.Writer`); `tflite_op(op)` names the
                                      TFLite op it becomes (the target's rules are per TFLite op)
+  onnx(op, w)                        its lowering into an ONNX graph (`w`: the onnx target's
+                                     `mpq.export.onnx_target.Writer`)
+  for_family(op, family)             the op as a runtime's kernel family computes it (`mean`,
+                                     `requantize_grid`: one rule per family)
 An op kind's module registers both (`register`), so adding an op kind is one module plus its
 tests; the exporter, the manifest loader, the executor and the cost model look entries up here.
 """
@@ -132,6 +136,17 @@ class IROp:
   def tflite(self, op, w) -> None:
     """Emits this op into the .tflite graph through `w` (`mpq.export.tflite_target.Writer`)."""
     w.fail(op, "the tflite target has no lowering for this IR op yet; export with --target=mpq")
+
+  def onnx_requantizer(self, op, s_out: float, out: dict) -> tuple[str, dict]:
+    """How ONNX Runtime requantizes this op's int32 output onto a grid of scale `s_out` (`out`: its
+    "zero_point", "clamp" and uint8 "storage" offset): (requantize rule, {field: tensor}); a
+    ValueError where no ONNX op computes it."""
+    raise ValueError(f"the onnx target has no lowering for the output of {op['op']!r}; export "
+                     "with --target=mpq")
+
+  def onnx(self, op, w) -> None:
+    """Emits this op into the ONNX graph through `w` (`mpq.export.onnx_target.Writer`)."""
+    w.fail(op, "the onnx target has no lowering for this IR op yet; export with --target=mpq")
 
   # -- field checks for `validate`
   got = staticmethod(_got)  # " (got VALUE)" / " (missing)" for a message about `op[field]`
