@@ -125,30 +125,35 @@ def test_exact_weights_make_litert_equal_the_fake_quant_model(exported):
 
 
 def test_what_tflite_cannot_express_is_refused_with_one_line(tmp_path):
-  """A signed activation grid below 8 bits (resnet20's addition inputs at 4 bits: no fused
-  activation clamps both ends) is an export error naming the op; nothing is written."""
+  """Activations over 8 bits do not fit int8 storage: an export error naming the op; nothing is
+  written. Grids of 2-8 bits all fit: a signed one below 8 bits is the kernel's output (fused NONE,
+  its top at int8's top) and a MAXIMUM with its bottom; an unsigned one a fused RELU."""
   import ml_collections
   from configs import tiny
   from mpq.export.tflite_builder import TFLiteBuilder
   from mpq.quant import model as quant_model
   c = tiny.get_config()  # uncalibrated: the refusal comes before any number matters
-  c.model, c.model_kwargs = "resnet20", ml_collections.ConfigDict({"width": 8})
-  c.quant.enabled, c.quant.w_bits, c.quant.a_bits = True, 8, 4
+  c.model, c.model_kwargs = "cnn", ml_collections.ConfigDict({"width": 0.25})
+  c.quant.enabled, c.quant.w_bits, c.quant.a_bits = True, 8, 8
+  c.quant.rules = (("conv2", {"a_bits": 12}),)
   shape = (28, 28, 1)
   model, _ = quant_model.build(c, 10, shape)
   out = tmp_path / "tfl"
-  with pytest.raises(ExportError, match=r"->\S*add/a' \(requantize\): its clamp \[-8, 7\].*"
-                     r"signed grids below 8 bits"):
+  with pytest.raises(ExportError, match=r"op 'conv1->conv2' \(requantize\): its output grid "
+                     r"\[0, 4095\] does not fit int8 storage; the tflite target takes activations "
+                     "of at most 8 bits"):
     export.export(model, shape, str(out), target="tflite", calibration=_pixels(64)["image"])
   assert not out.exists()
   r = {"op": "requantize", "name": "a->b", "output": "t", "clamp": [-8, 7], "zero_point": 0,
        "bits": 4, "output_scale": 0.5}
   w = tflite_target.Writer(TFLiteBuilder(), {"ops": []}, {}, {"t": (1, 4)})
-  with pytest.raises(ExportError, match=r"op 'a->b' \(requantize\): its clamp \[-8, 7\].*signed "
-                     "grids below 8 bits"):
-    w.fused_output(r)
+  raw, act = w.fused_output(r)
+  assert act == "NONE" and w.offsets["t"] == 120 and w.pending["t"][2] == -8 + 120
+  w.finish_output("t")
+  assert not w.pending
+  w = tflite_target.Writer(TFLiteBuilder(), {"ops": []}, {}, {"t": (1, 4)})
   assert w.fused_output(dict(r, clamp=[0, 7]))[1] == "RELU"  # a 3-bit grid after a ReLU
-  assert w.offsets["t"] == 120
+  assert w.offsets["t"] == 120 and not w.pending
 
 
 def test_a_model_without_the_pixel_grid_is_refused(tmp_path):
@@ -199,9 +204,10 @@ def test_pixel_grid_holds_every_pixel_exactly():
 
 @pytest.fixture(scope="module")
 def resnet_export(tmp_path_factory):
-  """resnet20 (width 8) with random bits 2-8 per conv and an 8-bit head: residual ADDs, a block
-  input feeding a conv and a shortcut (QUANTIZE int8 -> int8 onto the second grid), global
-  average pooling as MEAN of the int8 tensor. The additions' inputs are signed grids: 8 bits."""
+  """resnet20 (width 8) with random bits 2-8 per conv and addition input, an 8-bit head: residual
+  ADDs, a block input feeding a conv and a shortcut (QUANTIZE int8 -> int8 onto the second grid),
+  global average pooling as MEAN of the int8 tensor; the additions' inputs are signed grids, below
+  8 bits clamped at their bottom by a MAXIMUM."""
   import random
   import ml_collections
   from configs import tiny
@@ -212,8 +218,8 @@ def resnet_export(tmp_path_factory):
   c = tiny.get_config()
   c.model, c.model_kwargs = "resnet20", ml_collections.ConfigDict({"width": 8})
   c.quant.enabled = True
-  c.quant.rules = tuple((p, {"w_bits": rnd.randint(2, 8), "a_bits": 8 if l.kind == "add" else
-                             rnd.randint(2, 8), "estimator": rnd.choice(["lsq", "tqt", "ste"])})
+  c.quant.rules = tuple((p, {"w_bits": rnd.randint(2, 8), "a_bits": rnd.randint(2, 8),
+                             "estimator": rnd.choice(["lsq", "tqt", "ste"])})
                         for p, l in models.layer_table(fm).items() if l.kind in ("conv_bn", "add"))
   model, _ = quant_model.build(c, 10, (28, 28, 1))
   x = _pixels(256)["image"]
@@ -228,6 +234,9 @@ def test_resnet20_runs_in_litert_as_mpq_emulates_it(resnet_export, family):
   out, _, manifest, tensors = resnet_export
   kinds = [op["op"] for op in manifest["ops"]]
   assert kinds.count("add") == 9 and "mean" in kinds and "requantize_grid" in kinds
+  assert min(min(op["a_bits"]) for op in manifest["ops"] if op["op"] == "add") < 8
+  taken, left = tb.delegated_ops((out / "model.tflite").read_bytes(), "litert-ref")
+  assert not taken and "MAXIMUM" in left, left  # a signed grid below 8 bits
   images = _pixels()["pixels"]
   got = tflite_target.run_litert(str(out), family, images)
   want = executor_outputs(*tflite_target.emulate(manifest, tensors, family), images)

@@ -232,6 +232,7 @@ class Writer:
     self.grid_range: dict[str, tuple[int, int]] = {}  # IR range [lo, hi] of each grid tensor
     self.consumers: dict[str, list[dict]] = {}
     self.fused: set[str] = set()  # names of requantize ops lowered with their producer
+    self.pending: dict[str, tuple[int, int, int]] = {}  # grid tensor -> its MAXIMUM clamp
     self.outputs: list[int] = []
     from mpq import ops  # pylint: disable=g-import-not-at-top
     self._ops = ops
@@ -299,28 +300,43 @@ class Writer:
     self.fused.add(users[0]["name"])
     return users[0]
 
-  def fused_output(self, r: dict) -> tuple[int, str]:
+  def fused_output(self, r: dict, relu: bool = True) -> tuple[int, str]:
     """(output tensor index, fused activation name) of requantize op `r` written as a kernel's
-    output. Stored at offset `127 - hi` (`storage_offset`), the clamp's top is int8's; its bottom
-    must be int8's too (fused NONE) or the zero point (fused RELU, which clamps at it): every
-    unsigned grid after a ReLU (any bits), every full signed 8-bit grid. A signed grid below 8 bits
-    needs two more ops (a later step)."""
+    output; `finish_output(r)` after the kernel completes it. Stored at offset `127 - hi`
+    (`storage_offset`), the clamp's top is int8's; its bottom is int8's too (fused NONE), or the
+    zero point (fused RELU, which clamps at it: every unsigned grid after a ReLU, any bits), or,
+    for a signed grid below 8 bits, a MAXIMUM of the kernel's output (fused NONE) and the grid's
+    bottom as an int8 constant (shared/DEPLOY.md's construction; MAXIMUM compares raw int8 values
+    in every family, `litert_rules.maximum`). `relu`: whether the kernel has a fused RELU (a
+    QUANTIZE has none; it passes True where its input was clamped at the same zero point)."""
     lo, hi = r["clamp"]
     z = r["zero_point"]
-    off = self.storage_offset(lo, hi)
     s = r.get("output_scale")
     if s is None:
       self.fail(r, "has no output_scale (re-export the model)")
-    if off is not None and lo + off == -128:
-      act = "NONE"
-    elif off is not None and lo == z:
-      act = "RELU"
-    else:
-      self.fail(r, f"its clamp [{lo}, {hi}] (zero point {z}, {r['bits']} bits) is not expressed "
-                "by an int8 tensor's fused activation: the tflite target takes grids whose range "
-                "starts at the zero point (after a ReLU) or spans 256 values; signed grids below "
-                "8 bits are not exported to tflite yet")
-    return self.grid_tensor(r["output"], s, z, lo, hi, r), act
+    y = self.grid_tensor(r["output"], s, z, lo, hi, r)  # fails where [lo, hi] exceeds int8
+    off = self.offsets[r["output"]]
+    if lo + off == -128:
+      return y, "NONE"
+    if lo == z and relu:
+      return y, "RELU"
+    q = self.builder.tensors[y].quantization
+    raw = self.builder.add_tensor(f"{r['output']}/unclamped", self.shapes[r["output"]], "int8",
+                                  scale=q.scale, zero_point=q.zeroPoint,
+                                  signature=self.signature(self.shapes[r["output"]]))
+    self.pending[r["output"]] = (raw, y, lo + off)
+    return raw, "NONE"
+
+  def finish_output(self, tensor: str) -> None:
+    """After the kernel writing `fused_output`'s tensor: the MAXIMUM that clamps a signed grid
+    below 8 bits at its bottom, where one is pending."""
+    if tensor not in self.pending:
+      return
+    raw, y, bottom = self.pending.pop(tensor)
+    q = self.builder.tensors[y].quantization
+    k = self.builder.add_tensor(f"{tensor}/bottom", [1], "int8", data=np.asarray([bottom], np.int8),
+                                scale=q.scale, zero_point=q.zeroPoint)
+    self.builder.add_operator("MAXIMUM", [raw, k], [y])
 
   def run(self) -> bytes:
     for op in self.manifest["ops"]:

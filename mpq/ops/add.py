@@ -127,6 +127,7 @@ class AddIR(IROp):
     y, act = w.fused_output(r)
     w.builder.add_operator("ADD", xs, [y], w.builder.options("AddOptions",
                                                              fusedActivationFunction=act))
+    w.finish_output(r["output"])
 
 
 class QLinearAddIR(AddIR):

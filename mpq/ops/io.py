@@ -279,17 +279,16 @@ class RequantizeGrid(IROp):
 
   def tflite(self, op, w):
     """QUANTIZE int8 -> int8. LiteRT clamps to int8 only: the grid's top is int8's (the storage
-    offset), and its bottom must be int8's or the zero point with an input that the same ReLU
-    clamped (then no value falls below it)."""
+    offset); its bottom is int8's, or the zero point with an input that the same ReLU clamped
+    (then no value falls below it), or else a MAXIMUM with the bottom (a signed grid below 8
+    bits)."""
     x, _ = w.grid(op, op["input"])
     lo, hi = op["clamp"]
-    off = w.storage_offset(lo, hi)
     src_lo = w.grid_range.get(op["input"], (None, None))[0]
-    if off is None or not (lo + off == -128 or (
-        lo == op["zero_point"] and src_lo == op["input_zero_point"])):
-      w.fail(op, f"its clamp [{lo}, {hi}] is not what QUANTIZE to an int8 tensor gives")
-    y = w.grid_tensor(op["output"], op["scale"], op["zero_point"], lo, hi, op)
+    as_relu = lo == op["zero_point"] and src_lo == op["input_zero_point"]
+    y, _ = w.fused_output(dict(op, output_scale=op["scale"]), relu=as_relu)
     w.builder.add_operator("QUANTIZE", [x], [y])
+    w.finish_output(op["output"])
 
   def onnx(self, op, w):
     """DequantizeLinear then QuantizeLinear (ORT runs both in float32; rule `ort`), and the Clip of a

@@ -260,6 +260,7 @@ class LinearIR(IROp):
     if op["input_zero_point"] + off != b.tensors[x].quantization.zeroPoint[0]:
       w.fail(op, "its input zero point differs from its input tensor's")
     b.add_operator(kind, [x, wt, bt], [y], options(act))
+    w.finish_output(r["output"])
 
 
   # -- the onnx target
