@@ -168,8 +168,8 @@ def table(rows, speeds) -> str:
   return "\n".join(lines)
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_row_args(p: argparse.ArgumentParser) -> None:
+  """The flags `row_workdir` reads: where the rows' checkpoints live and how missing ones train."""
   p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "bench_integer"))
   p.add_argument("--accuracy_workdir", default=os.path.join(ROOT, "workdirs", "bench_accuracy"))
   p.add_argument("--mixed_workdir", default=os.path.join(ROOT, "workdirs", "bench_mixed"))
@@ -177,9 +177,14 @@ def main():
                                                         "resnet20_fp32"))
   p.add_argument("--resnet_qat_steps", type=int, default=150)
   p.add_argument("--resnet_qat_lr", type=float, default=0.01)
+  accuracy.add_recipe_args(p)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_row_args(p)
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
-  accuracy.add_recipe_args(p)
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "integer.json"))
   args = p.parse_args()
   names = cli.select_rows(args.rows, ROWS)

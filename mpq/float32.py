@@ -2,7 +2,7 @@
 (ONNX Runtime's QLinear ops, XNNPACK): each function rounds exactly where the runtime's kernel
 rounds, so a NumPy model of a kernel built from them matches it bit for bit. No JAX, no runtime
 imports: the executor's kernels use them on the host to tabulate float rules exactly (see
-`mpq.ops.add.QLinearAddIR`)."""
+`mpq.ops.add.AddGridIR`)."""
 
 from __future__ import annotations
 

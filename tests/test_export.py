@@ -167,7 +167,8 @@ def test_mobilenet_exports_agree_on_top1_and_run_in_litert_and_ort_as_emulated(t
   mpq target: ReLU6 before global pooling is clamped on the accumulator at round(6 / scale),
   which can move a pooled value across a rounding boundary; top-1 still agrees on every image.
   tflite target: depthwise convs, ReLU6 as the grid's top at int8's top, residual ADDs without an
-  activation, MEAN of the int8 tensor: 0 mismatching logits in litert-ref and litert-ruy.
+  activation, MEAN of the int8 tensor: 0 mismatching logits in litert-ref, litert-ruy and
+  litert-auto (XNNPACK's depthwise convs, ADD and QUANTIZE int8 -> int8).
   onnx target: grouped QLinearConv, QLinearAdd, QLinearGlobalAveragePool: 0 mismatching logits in
   ONNX Runtime."""
   import random
@@ -205,7 +206,7 @@ def test_mobilenet_exports_agree_on_top1_and_run_in_litert_and_ort_as_emulated(t
   kinds = [op["op"] for op in manifest["ops"]]
   assert "add" in kinds and "mean" in kinds and any(op.get("groups", 1) > 1
                                                      for op in manifest["ops"])
-  for family in ("litert-ref", "litert-ruy"):
+  for family in tflite_target.FAMILIES:
     got = tflite_target.run_litert(str(tmp_path / "tfl"), family, batch["pixels"])
     want = executor_outputs(*tflite_target.emulate(manifest, tensors, family), batch["pixels"])
     assert int(np.sum(got != want)) == 0, f"{family}: {np.sum(got != want)} outputs differ"
@@ -214,7 +215,7 @@ def test_mobilenet_exports_agree_on_top1_and_run_in_litert_and_ort_as_emulated(t
   export.export(model, ds.image_shape, str(tmp_path / "onnx"), target="onnx", calibration=x)
   manifest, tensors = export.load(str(tmp_path / "onnx"))
   kinds = [op["op"] for op in manifest["ops"]]
-  assert "qlinear_add" in kinds and "mean" in kinds
+  assert "add_grid" in kinds and "mean" in kinds
   got = onnx_target.run_ort(str(tmp_path / "onnx"), "ort", onnx_target.file_input(batch["pixels"]))
   want = executor_outputs(manifest, tensors, batch["pixels"])
   assert int(np.sum(got != want)) == 0, f"ort: {np.sum(got != want)} outputs differ"

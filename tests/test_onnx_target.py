@@ -129,8 +129,8 @@ def resnet_onnx(tmp_path_factory):
 def test_resnet20_runs_in_ort_as_mpq_emulates_it(resnet_onnx):
   out, manifest, tensors = resnet_onnx
   kinds = [op["op"] for op in manifest["ops"]]
-  assert kinds.count("qlinear_add") == 9 and "mean" in kinds and "requantize_grid" in kinds
-  adds = [op for op in manifest["ops"] if op["op"] == "qlinear_add"]
+  assert kinds.count("add_grid") == 9 and "mean" in kinds and "requantize_grid" in kinds
+  adds = [op for op in manifest["ops"] if op["op"] == "add_grid"]
   assert min(min(op["a_bits"]) for op in adds) < 8 and 128 in sum(
       (op["input_storage"] for op in adds), [])  # signed grids below 8 bits among the inputs
   images = _pixels()["pixels"]
@@ -141,17 +141,17 @@ def test_resnet20_runs_in_ort_as_mpq_emulates_it(resnet_onnx):
   assert kernels.count("com.microsoft.QLinearAdd") == 9, kernels
 
 
-def test_qlinear_add_is_the_runtime_rule_not_the_documented_formula(resnet_onnx):
-  """The executor's qlinear_add table is ORT's fused multiply-add order on the stored values; the
+def test_add_grid_is_the_runtime_rule_not_the_documented_formula(resnet_onnx):
+  """The executor's add_grid table (rule ort) is ORT's fused multiply-add order on the stored values; the
   documented formula `rint((s_a (a - z_a) + s_b (b - z_b)) / s_c) + z_c` differs from it on some
   input pairs of these additions (which ORT, above, does not)."""
-  from mpq.ops.add import QLinearAddIR
+  from mpq.ops.add import AddGridIR
   _, manifest, _ = resnet_onnx
   differ = 0
   for op in manifest["ops"]:
-    if op["op"] != "qlinear_add":
+    if op["op"] != "add_grid":
       continue
-    t = QLinearAddIR.table(op).astype(np.int64)
+    t = AddGridIR.table(op).astype(np.int64)
     (s_a, s_b), s_c = op["input_scales"], op["output_scale"]
     za, zb = (z + o for z, o in zip(op["input_zero_points"], op["input_storage"]))
     v = np.arange(256, dtype=np.float64)

@@ -145,8 +145,8 @@ def test_executor_dense_equals_onnx_runtime_qlinearmatmul(ties):
   b = ob.OnnxBuilder()
   x = b.input("x", list(q.shape), "uint8")
   args = [x, b.const("sx", np.float32(s_in)), b.const("zx", np.uint8(z_in + 128), "uint8"),
-          b.const("w", w.T.astype(np.int8), "int8"), b.const("sw", np.float32(s_w[0])),
-          b.const("zw", np.int8(0), "int8"), b.const("sy", np.float32(s_out)),
+          b.const("w", (w.T + 128).astype(np.uint8), "uint8"), b.const("sw", np.float32(s_w[0])),
+          b.const("zw", np.uint8(128), "uint8"), b.const("sy", np.float32(s_out)),
           b.const("zy", np.uint8(z_out), "uint8")]
   (y,) = b.node("QLinearMatMul", args, ["y"])
   b.output(y, "uint8", [q.shape[0], w.shape[0]])
@@ -190,3 +190,64 @@ def test_manifest_rule_is_validated():
   with pytest.raises(UserError, match="field 'shift' must hold integers in \\[-31, 30\\] \\(rule 'single_away'\\)"):
     io.Requantize().validate({**op, "rule": "single_away"},
                              {"m": raw["m"], "s": np.asarray([31], np.int32)}, {}, _need)
+
+
+def _xnnpack_case(op, rng, ratio, tie):
+  """A single ADD / QUANTIZE int8 -> int8 model whose first input's scale ratio to the output is
+  `ratio` (power-of-two scales with `tie`), its inputs, and the IR op the emulation runs for it."""
+  from benchmarks.litert_rules import _single_op  # pylint: disable=g-import-not-at-top
+  n = 4096
+  s_out = float(2.0 ** -rng.integers(3, 9)) if tie else float(F32(rng.uniform(1e-3, 0.1)))
+  s_a = float(F32(s_out * ratio))
+  s_b = float(F32(s_a * (0.5 if tie else rng.uniform(0.4, 1.0))))
+  z_a, z_b, z_out = (int(v) for v in rng.integers(-128, 128, 3))
+  a, b = (rng.integers(-128, 128, (1, n)).astype(np.int8) for _ in range(2))
+  if op == "ADD":
+    model = _single_op("ADD", [("a", [1, n], "int8", dict(scale=s_a, zero_point=z_a)),
+                               ("b", [1, n], "int8", dict(scale=s_b, zero_point=z_b))],
+                       ("y", [1, n], "int8", dict(scale=s_out, zero_point=z_out)))
+    ir = {"op": "add_grid", "rule": "xnnpack", "name": "add", "inputs": ["a", "b"],
+          "output": "y", "input_scales": [s_a, s_b], "input_zero_points": [z_a, z_b],
+          "input_storage": [0, 0], "a_bits": [8, 8], "quantizers": ["a", "b"],
+          "output_scale": s_out, "output_zero_point": z_out, "output_storage": 0}
+    return model, [a, b], ir, [s_a / s_out, s_b / s_out]
+  model = _single_op("QUANTIZE", [("a", [1, n], "int8", dict(scale=s_a, zero_point=z_a))],
+                     ("y", [1, n], "int8", dict(scale=s_out, zero_point=z_out)))
+  ir = {"op": "requantize_grid", "rule": "xnnpack", "name": "q", "input": "a", "output": "y",
+        "input_scale": s_a, "input_zero_point": z_a, "scale": s_out, "zero_point": z_out,
+        "clamp": [-128, 127], "bits": 8}
+  return model, [a], ir, [s_a / s_out]
+
+
+@pytest.mark.parametrize("op", ["ADD", "QUANTIZE"])
+def test_xnnpack_add_and_quantize_rules_equal_litert_auto(op):
+  """XNNPACK's qs8 add and qs8 convert (what LiteRT `AUTO` runs for ADD and QUANTIZE int8 -> int8
+  when XNNPACK takes them) are the executor's `add_grid` / `requantize_grid` rule `xnnpack`, output
+  for output, on random and power-of-two scales; whether XNNPACK takes the op follows
+  `xnnpack_takes` at both sides of its scale-ratio bounds (ADD [2^-10, 2^8), QUANTIZE
+  [2^-8, 2^7]). Where it does not take an ADD the builtin kernel's results differ (QUANTIZE then
+  saturates almost every value either way)."""
+  from mpq.ops.add import AddGridIR  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7 if op == "ADD" else 8)
+  inside = [2.0 ** -7, 0.03, 0.7, 1.0, 3.3, 100.0] + ([2.0 ** 7] if op == "QUANTIZE" else [200.0])
+  outside = [2.0 ** -12, 300.0, 2.0 ** 9] if op == "ADD" else [2.0 ** -10, 200.0]
+  compared = 0
+  for ratio in inside + outside:
+    for tie in (False, True):
+      model, inputs, ir, ratios = _xnnpack_case(op, rng, ratio, tie)
+      taken, _ = tb.delegated_ops(model, "litert-auto")
+      expect = R.xnnpack_takes(op, ratios=[float(F32(r)) for r in ratios])
+      assert bool(taken) == expect == (ratio in inside), (op, ratio, taken)
+      (got,) = tb.run(model, inputs, "litert-auto")
+      env = dict(zip(["a", "b"], [jnp.asarray(x, jnp.int32) for x in inputs]))
+      if op == "ADD":
+        want = np.clip(np.asarray(AddGridIR().kernel(ir, env, {})) + ir["output_zero_point"],
+                       -128, 127)
+      else:
+        want = np.asarray(io.RequantizeGrid().kernel(ir, env, {}))
+      if expect:
+        np.testing.assert_array_equal(got, want, err_msg=f"{op} ratio {ratio} tie {tie}")
+        compared += got.size
+      elif op == "ADD" and ratio > 1:
+        assert np.any(got != want), (op, ratio)  # the builtin kernel rounds otherwise
+  assert compared >= 12 * 4096

@@ -78,6 +78,19 @@ class Dataset:
 
 INPUT_NORMS = ("pixel", "channel")
 
+# Class names by label, for the datasets that record them (exported files carry them).
+CLASS_NAMES = {
+    "fashion_mnist": fashion_mnist.CLASS_NAMES,
+    "mnist": tuple(str(i) for i in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"),
+}
+
+
+def class_names(name: str) -> tuple[str, ...] | None:
+  """The class names of dataset `name` (a config name), or None where they are not recorded."""
+  return CLASS_NAMES.get(name[len("tfds:"):] if name.startswith("tfds:") else name)
+
 
 def stats(name: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(mean, std) per channel of dataset `name` (a config name: `fashion_mnist`, `tfds:cifar10`)

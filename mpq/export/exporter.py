@@ -107,6 +107,32 @@ def calibrate_output(model, images, batch_size: int = 500, signed: bool = True) 
           "signed": signed, "qmin": qmin, "qmax": qmin + 255}
 
 
+def file_metadata(manifest: dict, layout: str, verified_with: str) -> dict[str, str]:
+  """What a deployment needs to feed an exported file and read it, as {str: str} (a .tflite's
+  `mpq` metadata buffer holds it as JSON, an .onnx's `metadata_props` entry by entry): the input
+  normalisation (`layout`: "NHWC" / "NCHW"), the output grid, class names, per-layer bits, the
+  mpq version and the runtime version the export was verified against."""
+  import mpq  # pylint: disable=g-import-not-at-top
+  from mpq.data import sources  # pylint: disable=g-import-not-at-top
+  src = manifest.get("source") or {}
+  spec = manifest["input"]
+  last = manifest["ops"][-1]
+  bits = {op["name"]: {"w_bits": op.get("w_bits_trained", op["w_bits"]), "a_bits": op["a_bits"]}
+          for op in manifest["ops"] if "w_bits" in op}
+  names = sources.class_names(str(src.get("dataset", ""))) if src.get("dataset") else None
+  return {
+      "mpq_version": mpq.__version__,
+      "verified_with": verified_with,
+      "input": (f"uint8 pixels, {layout}; the model normalises them itself: x = (p - zero_point) "
+                f"scale with zero_point {spec['zero_point']}, scale {spec['scale']!r}"),
+      "output": (f"logits q on the grid (q - {last.get('zero_point', 0)}) * {last['scale'][0]!r}; "
+                 "argmax ties go to the lowest index"),
+      "dataset": str(src.get("dataset", "")),
+      "class_names": json.dumps(list(names) if names else []),
+      "bits": json.dumps(bits),
+  }
+
+
 # -- the output directory
 
 def _export_files() -> set[str]:

@@ -288,13 +288,20 @@ def fc_xnnpack(acc, s_in, s_w, s_out, z_out, act_range=I8):
 
 # -- which rule each family applies --------------------------------------------------------------------
 def xnnpack_takes(op: str, *, weights: str = "int8", k: int | None = None,
-                  in_dtype: str = "int8", out_dtype: str = "int8") -> bool:
+                  in_dtype: str = "int8", out_dtype: str = "int8", ratios=()) -> bool:
   """Whether LiteRT 2.3.0's `AUTO` resolver hands a single int8 `op` to XNNPACK (measured with
   `mpq.export.tflite_builder.delegation`). FULLY_CONNECTED with INT4 / INT2 weights is taken only
   when each weight row starts on a byte: `k` (input features) even for INT4, a multiple of 4 for
-  INT2; CONV_2D / DEPTHWISE_CONV_2D with INT4 weights are never taken (INT2 they reject)."""
+  INT2; CONV_2D / DEPTHWISE_CONV_2D with INT4 weights are never taken (INT2 they reject). QUANTIZE
+  int8 -> int8 is taken when the scale ratio `f32(s_in / s_out)` (`ratios`) lies in [2^-8, 2^7],
+  ADD when both `f32(s_i / s_out)` lie in [2^-10, 2^8) (XNNPACK's qs8 convert and add limits;
+  measured at the bounds, tests/test_requant_rules.py)."""
   if op == "QUANTIZE":
-    return in_dtype == out_dtype  # int8 -> int8 is taken; uint8 -> int8 is not
+    if in_dtype != out_dtype:
+      return False  # uint8 -> int8 is not taken
+    return all(2.0 ** -8 <= r <= 2.0 ** 7 for r in ratios)
+  if op == "ADD":
+    return all(2.0 ** -10 <= abs(r) < 2.0 ** 8 for r in ratios)
   if op in ("MEAN", "RESHAPE", "MAX_POOL_2D"):
     return True
   if op in ("AVERAGE_POOL_2D", "MAXIMUM", "MINIMUM"):

@@ -6,7 +6,8 @@ are imported lazily, inside functions: training, allocation and the mpq format n
     b = OnnxBuilder()
     x = b.input("x", [1, 4, 8, 8], "uint8")
     y = b.node("QLinearConv", [x, b.const("xs", 0.1), b.const("xz", 128, "uint8"),
-                                b.const("w", w, "int8"), b.const("ws", s_w), b.const("wz", zeros, "int8"),
+                                b.const("w", w + 128, "uint8"), b.const("ws", s_w),
+                                b.const("wz", np.full(8, 128), "uint8"),
                                 b.const("ys", 0.2), b.const("yz", 128, "uint8"),
                                 b.const("b", bias, "int32")], pads=[1, 1, 1, 1])
     b.output(y, "uint8", [1, 8, 8, 8])

@@ -2,10 +2,13 @@
 integer model, which mpq's executor runs with ONNX Runtime's arithmetic (kernel family `ort`).
 
 What the target decides (`mpq.export.targets.Target`):
-  activations   uint8 tensors (ORT fuses and runs integer kernels for uint8 activations with int8
-                weights; shared/DEPLOY.md): a grid whose integers lie in [lo, hi] is stored as
+  activations   uint8 tensors (ORT fuses and runs integer kernels for uint8 activations;
+                shared/DEPLOY.md): a grid whose integers lie in [lo, hi] is stored as
                 `q + storage_offset(lo, hi)` (0 for a grid inside [0, 255], 128 for a signed one),
                 its zero point likewise
+  weights       uint8 `w + 128`, zero point 128 in every channel, whatever their bits (QLinearConv
+                and QGemm take no INT4): ORT's uint8 x int8 kernels saturate int16 pair sums on x86
+                without VNNI, its uint8 x uint8 kernels are exact everywhere (`LinearIR.onnx`)
   ops           QLinearConv (convolutions, depthwise included: `group`), com.microsoft QGemm
                 (dense, after Flatten; the rows of a flattening layer's weights permuted from
                 NHWC to NCHW order), MaxPool on uint8, com.microsoft QLinearGlobalAveragePool
@@ -16,7 +19,7 @@ What the target decides (`mpq.export.targets.Target`):
   rules         ORT requantizes in float32 (`mpq.export.ort_rules`): convs and QGemm by
                 `rint_even(f32(acc) f32(f32(s_in s_w,c) / s_out))` (the `requantize` rule
                 `float32_even` with that scale, `requantizer`); QLinearAdd by two fused
-                multiply-adds of the stored values (the `qlinear_add` IR op, whose output grid
+                multiply-adds of the stored values (the `add_grid` IR op, rule `ort`, whose output grid
                 the requantizer records in it); average pooling and grid-to-grid requantization
                 by their own `ort` rules (`IROp.for_family`). The manifest is written for `ort`
   input         the uint8 image, NCHW [batch, C, H, W] with a dynamic batch, read directly by the
@@ -25,13 +28,12 @@ What the target decides (`mpq.export.targets.Target`):
                 uint8 input outputs uint8); argmax ties go to the lowest index
 
 The graph is written from the validated manifest (`to_onnx`): every IR op lowers itself
-(`IROp.onnx(op, writer)`, in `mpq.ops`) through the `Writer` below. Weights are int8 whatever their
-bits (QLinearConv and QGemm take no INT4 weights). The file carries `metadata_props` (`metadata`).
+(`IROp.onnx(op, writer)`, in `mpq.ops`) through the `Writer` below. The file carries
+`metadata_props` (`metadata`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -247,25 +249,10 @@ class Writer:
 
 
 def metadata(manifest: dict) -> dict[str, str]:
-  """`metadata_props` of an exported file: what a deployment needs to feed it and read it."""
-  import mpq  # pylint: disable=g-import-not-at-top
-  from mpq.export import onnx_builder as ob  # pylint: disable=g-import-not-at-top
-  src = manifest.get("source") or {}
-  spec = manifest["input"]
-  bits = {op["name"]: {"w_bits": op["w_bits"], "a_bits": op["a_bits"]}
-          for op in manifest["ops"] if "w_bits" in op}
-  last = manifest["ops"][-1]
-  return {
-      "mpq_version": getattr(mpq, "__version__", "unknown"),
-      "verified_with": f"onnxruntime {ob.ort_version()} (CPU provider, ORT_ENABLE_ALL)",
-      "input": ("uint8 pixels, NCHW; the model normalises them itself: x = (p - zero_point) scale "
-                f"with zero_point {spec['zero_point']}, scale {spec['scale']!r}"),
-      "output": (f"uint8 logits: (q - {last.get('zero_point', 0)}) * {last['scale'][0]!r}; "
-                 "argmax ties go to the lowest index"),
-      "dataset": str(src.get("dataset", "")),
-      "class_names": json.dumps(src.get("class_names") or []),
-      "bits": json.dumps(bits),
-  }
+  """`metadata_props` of an exported file (`mpq.export.exporter.file_metadata`)."""
+  from mpq.export import exporter, onnx_builder as ob  # pylint: disable=g-import-not-at-top
+  return exporter.file_metadata(
+      manifest, "NCHW", f"onnxruntime {ob.ort_version()} (CPU provider, ORT_ENABLE_ALL)")
 
 
 def to_onnx(manifest: dict, tensors: dict) -> bytes:
@@ -304,7 +291,7 @@ def _register():
       _no_multiplier,
       {"*": "half_up"}, requantizer, output_dtype="uint8", pixel_input=True, emulations=FAMILIES,
       emulate=emulate, runtimes=FAMILIES, run=run_ort, grid_transforms=True,
-      add_ir="qlinear_add", storage_offset=storage_offset, file_input=file_input))
+      add_ir="add_grid", storage_offset=storage_offset, file_input=file_input))
 
 
 _register()

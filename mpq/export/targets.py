@@ -32,7 +32,7 @@ A target (`Target`, registered in `TARGETS` by name) owns
                                       (weight grid, integer weights, integer bias, options) ->
                                       the same three, as the IR op holds them
   add_ir                              the IR op a residual addition lowers to (`add`: mpq's and
-                                      TFLite's fixed-point form; `qlinear_add`: ORT's float form)
+                                      TFLite's fixed-point form; `add_grid`: onto the output grid)
   storage_offset(lo, hi)              what the file adds to the integers of a grid tensor whose
                                       values lie in [lo, hi] (its storage type's range), or None
                                       where [lo, hi] does not fit it

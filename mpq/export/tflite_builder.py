@@ -110,6 +110,13 @@ class TFLiteBuilder:
     self._opcode_index: dict[tuple[int, int], int] = {}
     self.inputs: list[int] = []
     self.outputs: list[int] = []
+    self.metadata: list[Any] = []
+
+  def add_metadata(self, name: str, data: bytes) -> None:
+    """A named metadata entry of the model (`Model.metadata`), its bytes in a new buffer."""
+    m = self.s.MetadataT()
+    m.name, m.buffer = name, self.add_buffer(bytes(data))
+    self.metadata.append(m)
 
   # -- buffers and tensors ------------------------------------------------------------------------
   def add_buffer(self, data: np.ndarray | bytes | None = None) -> int:
@@ -229,6 +236,8 @@ class TFLiteBuilder:
     m.version = 3
     m.description = self.description
     m.operatorCodes, m.subgraphs, m.buffers = self.opcodes, [sg], self.buffers
+    if self.metadata:
+      m.metadata = self.metadata
     fb = flatbuffers.Builder(1024)
     fb.Finish(m.Pack(fb), file_identifier=b"TFL3")
     return bytes(fb.Output())

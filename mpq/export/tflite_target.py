@@ -32,6 +32,7 @@ target cannot express is an ExportError naming the layer.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -39,6 +40,7 @@ import numpy as np
 from mpq.fixedpoint import quantize_multiplier
 
 FILE = "model.tflite"
+METADATA = "mpq"  # the name of the model's metadata entry (a JSON object of str -> str)
 FAMILY = "litert-ref"  # the kernel family whose rules the manifest records
 
 FAMILIES = ("litert-ref", "litert-ruy", "litert-auto")
@@ -59,8 +61,13 @@ REQUANT_RULES = {
     ("FULLY_CONNECTED", "litert-auto/builtin"): "double_up",
     ("DEPTHWISE_CONV_2D", "litert-ref"): "double",
     ("DEPTHWISE_CONV_2D", "litert-ruy"): "double_up",
+    ("DEPTHWISE_CONV_2D", "litert-auto"): "float32_even",
+    ("DEPTHWISE_CONV_2D", "litert-auto/builtin"): "double_up",
     ("ADD", "litert-ref"): "double",  # reference ADD: MBQM of the raw sum (add.h)
     ("ADD", "litert-ruy"): "double",
+    ("ADD", "litert-auto/builtin"): "double",
+    # ("ADD", "litert-auto") where XNNPACK takes it: not a requantization of the ADD's
+    # accumulator but XNNPACK's own qs8 add onto the output grid (`add_grid`, rule xnnpack)
 }
 
 
@@ -145,34 +152,58 @@ def _rule(kind: str, family: str, op: dict) -> str:
   return REQUANT_RULES[(kind, key)]
 
 
+def _f32_ratio(a, b) -> float:
+  return float(np.float32(np.float32(a) / np.float32(b)))
+
+
 def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
   """(manifest, tensors) of a `tflite` export with the rules of LiteRT kernel family `family`:
   each requantization that a kernel performs takes that kernel's rule (`REQUANT_RULES`), with the
   multipliers LiteRT derives (the manifest's: the same for every fixed-point rule) or, for
   XNNPACK's float32 rule, the float32 scale `f32(f32(s_in s_w,c) / s_out)` it computes; every IR
   op with a family-dependent kernel of its own (`mean`, `requantize_grid`) takes the family's
-  (`IROp.for_family`). The returned copies run in mpq's executor (`mpq.intexec.build`) as the
-  family runs the file."""
+  (`IROp.for_family`). Under `litert-auto` an ADD that XNNPACK takes becomes XNNPACK's qs8 add onto
+  its output grid (`add_grid`, rule xnnpack; its requantize the identity) and a QUANTIZE int8 ->
+  int8 that it takes XNNPACK's qs8 convert (`requantize_grid` rule xnnpack), each decided per op
+  from the scales (`litert_rules.xnnpack_takes`). The returned copies run in mpq's executor
+  (`mpq.intexec.build`) as the family runs the file."""
   from mpq import ops  # pylint: disable=g-import-not-at-top
   from mpq.export.exporter import ExportError  # pylint: disable=g-import-not-at-top
+  from mpq.export.litert_rules import xnnpack_takes  # pylint: disable=g-import-not-at-top
   if family not in FAMILIES:
     raise ExportError(f"unknown LiteRT kernel family {family!r}; use one of {', '.join(FAMILIES)}")
   producer = {op["output"]: op for op in manifest["ops"]}
   new_ops, tensors = [], dict(tensors)
+  index: dict[str, int] = {}  # op name -> position in new_ops
+  auto = family == "litert-auto"
   for op in manifest["ops"]:
     try:
       op = ops.ir_op(op["op"]).for_family(op, family)
     except ValueError as e:
       raise ExportError(f"op {op['name']!r}: {e}") from None
+    if auto and op["op"] == "requantize_grid" and xnnpack_takes(
+        "QUANTIZE", ratios=[_f32_ratio(op["input_scale"], op["scale"])]):
+      op = dict(op, rule="xnnpack")
     src = producer.get(op.get("input")) if op["op"] == "requantize" else None
     kind = ops.ir_op(src["op"]).tflite_op(src) if src is not None else None
     if kind is None:
+      index[op["name"]] = len(new_ops)
       new_ops.append(op)
       continue
-    try:
-      rule = _rule(kind, family, src)
-    except ValueError as e:
-      raise ExportError(f"op {op['name']!r}: {e}") from None
+    if kind == "ADD" and auto:
+      if xnnpack_takes("ADD", ratios=[_f32_ratio(v, op["output_scale"])
+                                      for v in src["input_scales"]]):
+        new_ops[index[src["name"]]] = _xnnpack_add(src, op, producer)
+        tensors[f"{op['name']}/scale"] = np.ones(1, np.float32)
+        op = {k: v for k, v in op.items() if k not in ("multiplier", "shift")}
+        new_ops.append(dict(op, rule="float32_even", scale=f"{op['name']}/scale"))
+        continue
+      rule = REQUANT_RULES[("ADD", "litert-auto/builtin")]
+    else:
+      try:
+        rule = _rule(kind, family, src)
+      except ValueError as e:
+        raise ExportError(f"op {op['name']!r}: {e}") from None
     # every fixed-point family derives the same (M0, shift): the exported ones stay
     op = dict(op, rule=rule)
     if rule == "float32_even":
@@ -184,8 +215,25 @@ def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
           op["output_scale"])
       tensors[f"{op['name']}/scale"] = np.asarray(scale, np.float32).reshape(-1)
       op["scale"] = f"{op['name']}/scale"
+    index[op["name"]] = len(new_ops)
     new_ops.append(op)
   return dict(manifest, ops=new_ops, family=family), tensors
+
+
+def _xnnpack_add(add: dict, r: dict, producer: dict) -> dict:
+  """The `add_grid` op (rule xnnpack) of a fixed-point `add` whose output requantize op `r` XNNPACK
+  computes in its qs8 add kernel."""
+  offsets = []
+  for t in add["inputs"]:
+    lo, hi = producer[t].get("clamp", (-128, 127))
+    offsets.append(storage_offset(lo, hi))
+  lo, hi = r["clamp"]
+  return {"op": "add_grid", "rule": "xnnpack", "name": add["name"], "inputs": add["inputs"],
+          "output": add["output"], "input_scales": add["input_scales"],
+          "input_zero_points": add["input_zero_points"], "input_storage": offsets,
+          "a_bits": add["a_bits"], "quantizers": add["quantizers"],
+          "output_scale": r["output_scale"], "output_zero_point": r["zero_point"],
+          "output_storage": storage_offset(lo, hi)}
 
 
 def run_litert(model_dir: str, family: str, images: np.ndarray, batch_size: int = 500,
@@ -225,8 +273,11 @@ class Writer:
   `tensors` (unpacked), each IR tensor's shape at batch 1 (`shapes`) and, once written, its
   .tflite tensor index (`ids`) and int8 storage offset (`offsets`)."""
 
-  def __init__(self, builder, manifest: dict, tensors: dict, shapes: dict):
+  def __init__(self, builder, manifest: dict, tensors: dict, shapes: dict,
+               float_twin: bool = False):
     self.builder, self.manifest, self.tensors, self.shapes = builder, manifest, tensors, shapes
+    # the float twin (`to_float_tflite`): float32 tensors, dequantized weights, no requantization
+    self.float = float_twin
     self.ids: dict[str, int] = {}
     self.offsets: dict[str, int] = {}
     self.grid_range: dict[str, tuple[int, int]] = {}  # IR range [lo, hi] of each grid tensor
@@ -256,11 +307,16 @@ class Writer:
   def grid_tensor(self, name: str, scale: float, zero_point: int, lo: int, hi: int, op: dict) -> int:
     """A new int8 activation tensor for IR grid tensor `name` (integers in [lo, hi], zero point
     `zero_point` on the IR grid); returns its index."""
+    shape = self.shapes[name]
+    if self.float:
+      self.ids[name] = self.builder.add_tensor(name, shape, "float32",
+                                               signature=self.signature(shape))
+      self.offsets[name], self.grid_range[name] = 0, (lo, hi)
+      return self.ids[name]
     off = self.storage_offset(lo, hi)
     if off is None:
       self.fail(op, f"its output grid [{lo}, {hi}] does not fit int8 storage; the tflite target "
                 "takes activations of at most 8 bits")
-    shape = self.shapes[name]
     self.ids[name] = self.builder.add_tensor(name, shape, "int8", scale=f32(scale),
                                              zero_point=zero_point + off,
                                              signature=self.signature(shape))
@@ -274,8 +330,11 @@ class Writer:
     src = self.builder.tensors[self.ids[like]]
     shape = self.shapes[name] if shape is None else shape
     q = src.quantization
-    idx = self.builder.add_tensor(name, shape, "int8", scale=q.scale, zero_point=q.zeroPoint,
-                                  signature=self.signature(shape))
+    if q is None:  # the float twin
+      idx = self.builder.add_tensor(name, shape, "float32", signature=self.signature(shape))
+    else:
+      idx = self.builder.add_tensor(name, shape, "int8", scale=q.scale, zero_point=q.zeroPoint,
+                                    signature=self.signature(shape))
     self.ids[name], self.offsets[name] = idx, self.offsets[like]
     if like in self.grid_range:
       self.grid_range[name] = self.grid_range[like]
@@ -315,6 +374,8 @@ class Writer:
     if s is None:
       self.fail(r, "has no output_scale (re-export the model)")
     y = self.grid_tensor(r["output"], s, z, lo, hi, r)  # fails where [lo, hi] exceeds int8
+    if self.float:  # the float twin: a ReLU where the grid starts at its zero point
+      return y, ("RELU" if lo == z else "NONE")
     off = self.offsets[r["output"]]
     if lo + off == -128:
       return y, "NONE"
@@ -352,9 +413,37 @@ def to_tflite(manifest: dict, tensors: dict) -> bytes:
   """The .tflite model (bytes) of a validated manifest and its unpacked tensors."""
   from mpq.export import exporter  # pylint: disable=g-import-not-at-top
   from mpq.export.tflite_builder import TFLiteBuilder  # pylint: disable=g-import-not-at-top
+  from mpq.export.tflite_builder import litert_version  # pylint: disable=g-import-not-at-top
   shapes = exporter.tensor_shapes(manifest, tensors)
-  return Writer(TFLiteBuilder(description=f"mpq {manifest.get('target', 'tflite')}"), manifest,
-                tensors, shapes).run()
+  b = TFLiteBuilder(description=f"mpq {manifest.get('target', 'tflite')}")
+  meta = exporter.file_metadata(manifest, "NHWC", f"ai-edge-litert {litert_version()} "
+                                "(litert-ref, litert-ruy; litert-auto where emulated)")
+  b.add_metadata(METADATA, json.dumps(meta).encode())
+  return Writer(b, manifest, tensors, shapes).run()
+
+
+def to_float_tflite(manifest: dict, tensors: dict) -> bytes:
+  """The float twin of an exported model (bytes of a .tflite): the same graph with float32 tensors
+  (float normalised NHWC input, float logits), dequantized weights and biases, a fused RELU where
+  a grid starts at its zero point, and no quantization ops. Not the model's numerics: the
+  reference for how fast the integer file runs (`benchmarks/deploy.py`)."""
+  from mpq.export import exporter  # pylint: disable=g-import-not-at-top
+  from mpq.export.tflite_builder import TFLiteBuilder  # pylint: disable=g-import-not-at-top
+  shapes = exporter.tensor_shapes(manifest, tensors)
+  return Writer(TFLiteBuilder(description="mpq float twin"), manifest, tensors, shapes,
+                float_twin=True).run()
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+  """The `mpq` metadata of a .tflite written by this target (`exporter.file_metadata`)."""
+  from mpq.export.tflite_builder import schema  # pylint: disable=g-import-not-at-top
+  s = schema()
+  m = s.ModelT.InitFromObj(s.Model.GetRootAs(data, 0))
+  for entry in m.metadata or []:
+    name = entry.name.decode() if isinstance(entry.name, bytes) else entry.name
+    if name == METADATA:
+      return json.loads(bytes(m.buffers[entry.buffer].data).decode())
+  return {}
 
 
 def _write(out_dir: str, manifest: dict, tensors: dict) -> None:

@@ -20,13 +20,13 @@ class Add(OpKind):
 
   def lower(self, lw, node) -> None:
     """The target's form (`Target.add_ir`): `add` (fixed point, an int32 accumulator at
-    `2 max(s_a, s_b) / 2^L`) or `qlinear_add` (ONNX Runtime's float32 QLinearAdd, straight onto the
-    consumer's grid, which the target's requantizer records in the op)."""
+    `2 max(s_a, s_b) / 2^L`) or `add_grid` (straight onto the consumer's grid, which the target's
+    requantizer records in the op; rule `ort`, ONNX Runtime's float32 QLinearAdd)."""
     layer, name = lw.quantized_layer(node), node.name
     ins = [lw.to_grid(t, q, f"{name}/{k}") for t, q, k in
            zip(node.inputs, (layer.aq_a, layer.aq_b), ("a", "b"))]
     scales = [float(g["scale"][0]) for _, g in ins]
-    if lw.target.add_ir == "qlinear_add":
+    if lw.target.add_ir == "add_grid":
       offsets = []
       for t, _ in ins:
         if t not in lw.grids:
@@ -34,7 +34,7 @@ class Add(OpKind):
                   f"export target {lw.target.name!r} needs")
         offsets.append(lw.target.storage_offset(*lw.grids[t]["clamp"]))
       t_acc = lw.new()
-      lw.emit({"op": "qlinear_add", "name": name, "inputs": [t for t, _ in ins], "output": t_acc,
+      lw.emit({"op": "add_grid", "rule": "ort", "name": name, "inputs": [t for t, _ in ins], "output": t_acc,
                "input_scales": scales, "input_zero_points": [int(g["zero_point"][0]) for _, g in ins],
                "input_storage": offsets, "a_bits": [g["bits"] for _, g in ins],
                "quantizers": [layer.aq_a.name, layer.aq_b.name]})
@@ -114,14 +114,14 @@ class AddIR(IROp):
     xs = []
     for t, z in zip(op["inputs"], op["input_zero_points"]):
       x, off = w.grid(op, t)
-      if z + off != w.builder.tensors[x].quantization.zeroPoint[0]:
+      if not w.float and z + off != w.builder.tensors[x].quantization.zeroPoint[0]:
         w.fail(op, f"its input zero point for {t!r} differs from the tensor's")
       xs.append(x)
     s = [float(np.float32(v)) for v in op["input_scales"]]
     twice_max = 2.0 * max(s)
     want = [quantize_multiplier(v / twice_max) for v in s]
-    if op["left_shift"] != 20 or [list(p) for p in want] != [
-        [m, sh] for m, sh in zip(op["multipliers"], op["shifts"])]:
+    if not w.float and (op["left_shift"] != 20 or [list(p) for p in want] != [
+        [m, sh] for m, sh in zip(op["multipliers"], op["shifts"])]):
       w.fail(op, "its left shift and input multipliers are not LiteRT's (left shift 20, "
              "QuantizeMultiplier(s_i / 2 max(s_a, s_b))); export with --target=tflite")
     y, act = w.fused_output(r)
@@ -130,17 +130,56 @@ class AddIR(IROp):
     w.finish_output(r["output"])
 
 
-class QLinearAddIR(AddIR):
-  """ONNX Runtime's com.microsoft QLinearAdd (`mpq.export.ort_rules.qlinear_add`: float32, two
-  fused multiply-adds on the stored uint8 values, rounded half to even), onto the output grid
-  (`output_scale`, `output_zero_point`, `output_storage`) that the `requantize` consuming it
-  completes (scale 1, rule float32_even: `y = x`, then `+ z`, clamped). Its output is the result's
-  integers minus the output zero point. `input_storage` / `output_storage`: what the file adds to
-  each grid's integers (uint8 storage; the rule depends on the stored values, not only on
-  `q - z`)."""
-  name = "qlinear_add"
+def _table_ort(op, za, zb, zc) -> np.ndarray:
+  """ONNX Runtime's com.microsoft QLinearAdd (`mpq.export.ort_rules.qlinear_add`): float32, the zero
+  points folded into a constant, two fused multiply-adds of the stored values, half to even."""
+  from mpq.float32 import f32, fma_f32, rint_f32  # pylint: disable=g-import-not-at-top
+  (s_a, s_b), s_c = op["input_scales"], op["output_scale"]
+  r_a, r_b = f32(f32(s_a) / f32(s_c)), f32(f32(s_b) / f32(s_c))
+  k = f32(f32(zc) - fma_f32(r_a, f32(za), f32(r_b * f32(zb))))  # the compiler's contraction
+  v = np.arange(256, dtype=np.float32)
+  inner = fma_f32(v, r_b, k)  # per stored b
+  return rint_f32(fma_f32(v[:, None], r_a, inner[None, :])) - zc
+
+
+def xnnpack_add_params(s_a: float, s_b: float, s_c: float) -> tuple[int, int, int]:
+  """(a multiplier, b multiplier, shift) of XNNPACK's qs8 add (LiteRT `litert-auto`): the float32
+  ratios `r_i = f32(s_i / s_c)`, `shift = 20 - floor(log2 max |r_i|)`, `m_i = lrintf(r_i 2^shift)`."""
+  f32 = np.float32
+  r = [f32(f32(s) / f32(s_c)) for s in (s_a, s_b)]
+  shift = 20 - (int(np.frexp(max(abs(r[0]), abs(r[1])))[1]) - 1)
+  m = [int(np.rint(f32(np.ldexp(v, shift)))) for v in r]
+  return m[0], m[1], shift
+
+
+def _table_xnnpack(op, za, zb, zc) -> np.ndarray:
+  """XNNPACK's qs8 add (measured against LiteRT `AUTO`; `tests/test_requant_rules.py`): integer,
+  `(2^(shift-1) + m_a (a - z_a) + m_b (b - z_b)) >> shift` (an arithmetic shift: ties toward +inf),
+  then `+ z_c` and the clamp."""
+  (s_a, s_b), s_c = op["input_scales"], op["output_scale"]
+  m_a, m_b, shift = xnnpack_add_params(s_a, s_b, s_c)
+  v = np.arange(256, dtype=np.int64)
+  acc = (1 << (shift - 1)) + m_a * (v[:, None] - za) + m_b * (v[None, :] - zb)
+  return acc >> shift
+
+
+ADD_GRID_RULES = {"ort": _table_ort, "xnnpack": _table_xnnpack}
+
+
+class AddGridIR(AddIR):
+  """An addition of two grid tensors straight onto the output grid, as a runtime computes it in one
+  kernel (`rule`, `ADD_GRID_RULES`: `ort` ONNX Runtime's QLinearAdd, `xnnpack` XNNPACK's qs8 add).
+  The output grid (`output_scale`, `output_zero_point`, `output_storage`) is the consuming
+  `requantize`'s, which is then `y = x` (rule float32_even of scale 1: exact below 2^24) plus the
+  zero point, clamped: the op's output is the result's integers minus the output zero point.
+  `input_storage` / `output_storage`: what the file adds to each grid's integers (a rule may depend
+  on the stored values, not only on `q - z`). The kernel looks up a [256, 256] table of every pair
+  of stored inputs, computed on the host in exact arithmetic (`table`)."""
+  name = "add_grid"
 
   def validate(self, op, raw, tensors, need):
+    need(op, "rule", op.get("rule") in ADD_GRID_RULES,
+         f"must be one of {', '.join(ADD_GRID_RULES)}{self.got(op, 'rule')}")
     need(op, "inputs", isinstance(op.get("inputs"), list) and len(op["inputs"]) == 2
          and all(isinstance(t, str) for t in op["inputs"]),
          f"must list two tensor names{self.got(op, 'inputs')}")
@@ -153,45 +192,50 @@ class QLinearAddIR(AddIR):
     self.integer(op, "output_storage", need, -255, 255)
     for z, off in [*zip(op["input_zero_points"], op["input_storage"]),
                    (op["output_zero_point"], op["output_storage"])]:
-      need(op, "input_storage", 0 <= z + off <= 255, "must put every zero point in uint8 "
-           f"(zero point {z}, storage offset {off})")
+      need(op, "input_storage", -128 <= z + off <= 255, "must put every zero point in the "
+           f"8-bit storage (zero point {z}, storage offset {off})")
 
   def value_range(self, op, ranges, need):
-    """Each input is a grid tensor whose stored values `q + storage` lie in uint8."""
+    """Each input is a grid tensor whose stored values `q + storage` span at most 256 values."""
     for t, off in zip(op["inputs"], op["input_storage"]):
       r = ranges.get(t)
       need(op, "inputs", r is not None, f"names {t!r}, which is no integer grid tensor (an "
            "accumulator); requantize it first")
-      need(op, "input_storage", 0 <= r[0] + off and r[1] + off <= 255,
-           f"{off} does not put input {t!r} (range {list(r)}) in uint8")
+      need(op, "input_storage", -128 <= r[0] + off and r[1] + off <= 255 and r[1] - r[0] <= 255,
+           f"{off} does not put input {t!r} (range {list(r)}) in 8-bit storage")
     return None
 
   @staticmethod
-  def table(op) -> np.ndarray:
-    """The result minus the output zero point for every pair of stored inputs [256, 256], computed
-    on the host in exact float32 (the kernel looks it up)."""
-    from mpq.float32 import f32, fma_f32, rint_f32  # pylint: disable=g-import-not-at-top
-    (s_a, s_b), s_c = op["input_scales"], op["output_scale"]
-    z_a, z_b = (z + off for z, off in zip(op["input_zero_points"], op["input_storage"]))
-    z_c = op["output_zero_point"] + op["output_storage"]
-    r_a, r_b = f32(f32(s_a) / f32(s_c)), f32(f32(s_b) / f32(s_c))
-    k = f32(f32(z_c) - f32(f32(r_a * f32(z_a)) + f32(r_b * f32(z_b))))
-    v = np.arange(256, dtype=np.float32)
-    inner = fma_f32(v, r_b, k)  # per stored b
-    out = rint_f32(fma_f32(v[:, None], r_a, inner[None, :]))  # [a, b]
-    return (np.clip(out, -2 ** 24, 2 ** 24) - z_c).astype(np.int32)
+  def base(op) -> int:
+    """The smallest stored value the table covers: -128 (int8 storage) or 0 (uint8)."""
+    zs = [z + off for z, off in zip(op["input_zero_points"], op["input_storage"])]
+    return -128 if min(op["input_storage"]) < 0 or min(zs) < 0 or op.get("rule") == "xnnpack" \
+        else 0
+
+  @classmethod
+  def table(cls, op) -> np.ndarray:
+    """The result minus the output zero point for every pair of stored inputs, [256, 256] int32
+    indexed by `stored - base(op)`."""
+    za, zb = (z + off - cls.base(op) for z, off in zip(op["input_zero_points"],
+                                                        op["input_storage"]))
+    zc = op["output_zero_point"] + op["output_storage"] - cls.base(op)
+    if op["rule"] == "xnnpack":  # shift-invariant: computed on q - z
+      zc = op["output_zero_point"]
+    out = ADD_GRID_RULES[op["rule"]](op, za, zb, zc)
+    return np.clip(out, -2 ** 24, 2 ** 24).astype(np.int32)
 
   def kernel(self, op, env, tensors):
-    a, b = (env[t] + jnp.int32(off) for t, off in zip(op["inputs"], op["input_storage"]))
-    flat = jnp.asarray(self.table(op).reshape(-1))
-    return flat[jnp.clip(a, 0, 255) * 256 + jnp.clip(b, 0, 255)]
+    base = self.base(op)
+    a, b = (jnp.clip(env[t] + jnp.int32(off - base), 0, 255)
+            for t, off in zip(op["inputs"], op["input_storage"]))
+    return jnp.asarray(self.table(op).reshape(-1))[a * 256 + b]
 
   def tflite_op(self, op):
     return None
 
   def tflite(self, op, w):
-    w.fail(op, "ONNX Runtime's QLinearAdd has no TFLite form; export with --target=tflite from the "
-           "start (the addition is lowered per target)")
+    w.fail(op, "an addition onto its output grid is a runtime's kernel, not a .tflite op; export "
+           "with --target=tflite (the addition is lowered per target)")
 
   def onnx_requantizer(self, op, s_out, out):
     """QLinearAdd computes its consumer's grid itself: the grid goes into the op, the `requantize`
@@ -205,6 +249,8 @@ class QLinearAddIR(AddIR):
   def onnx(self, op, w):
     """com.microsoft QLinearAdd of two uint8 tensors, onto the consuming requantization's grid (and
     its Clip where the grid is narrower than uint8)."""
+    if op.get("rule") != "ort":
+      w.fail(op, f"its rule {op.get('rule')!r} is not ONNX Runtime's ('ort')")
     r = w.requantize_of(op)
     scale = np.asarray(w.tensors[r["scale"]]) if r.get("rule") == "float32_even" else None
     if scale is None or scale.size != 1 or scale[0] != 1.0 or (
@@ -225,4 +271,4 @@ class QLinearAddIR(AddIR):
     w.clamp(r["output"])
 
 
-register(Add(), AddIR(), QLinearAddIR())
+register(Add(), AddIR(), AddGridIR())

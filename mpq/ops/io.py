@@ -48,6 +48,11 @@ class Quantize(IROp):
       w.fail(op, "the tflite target takes the uint8 image; the first quantizer must be the pixel "
              "grid (train with --config.input_norm=pixel)")
     shape = w.shapes["input"]
+    if w.float:  # the float twin takes the normalised float image
+      w.ids["input"] = w.ids[op["output"]] = w.builder.add_tensor(
+          "input", shape, "float32", signature=w.signature(shape))
+      w.offsets["input"] = w.offsets[op["output"]] = 0
+      return
     x = w.builder.add_tensor("input", shape, "uint8", scale=float(np.float32(op["scale"])),
                              zero_point=op["zero_point"], signature=w.signature(shape))
     w.ids["input"], w.offsets["input"] = x, 0
@@ -227,17 +232,32 @@ def _requantize_grid_ort(op, x):
   return jnp.asarray(table)[idx] + jnp.int32(op["zero_point"])
 
 
+def _requantize_grid_xnnpack(op, x):
+  """XNNPACK's qs8 convert (LiteRT `litert-auto` where XNNPACK takes the QUANTIZE; measured against
+  LiteRT, `tests/test_requant_rules.py`): `m = lrintf(256 f32(s_in / s_out))`, then
+  `((q - z_in) m + 128) >> 8` (an arithmetic shift: ties toward +inf) `+ z_out`."""
+  f32 = np.float32
+  m = int(np.rint(f32(256.0) * f32(f32(op["input_scale"]) / f32(op["scale"]))))
+  d = x - jnp.int32(op["input_zero_point"])
+  return jnp.right_shift(d * jnp.int32(m) + jnp.int32(128), jnp.int32(8)) + jnp.int32(
+      op["zero_point"])
+
+
 GRID_RULES = {"double": _fixed_point_grid_rule(_requantize_grid_double),
               "optimized": _fixed_point_grid_rule(_requantize_grid_optimized),
-              "ort": _requantize_grid_ort}
-GRID_FAMILIES = {"litert-ref": "double", "litert-ruy": "optimized", "ort": "ort"}
+              "ort": _requantize_grid_ort, "xnnpack": _requantize_grid_xnnpack}
+# the rule of each family's kernel; under litert-auto the builtin one (the tflite target's
+# emulation puts `xnnpack` where XNNPACK takes the op)
+GRID_FAMILIES = {"litert-ref": "double", "litert-ruy": "optimized", "litert-auto": "optimized",
+                 "ort": "ort"}
 
 
 class RequantizeGrid(IROp):
   """A grid tensor onto another grid (TFLite's QUANTIZE between int8 tensors): `clamp(MBQM(q -
   z_in, M0, e) + z_out)` with `M0, e = QuantizeMultiplier(double(f32 s_in) / double(f32 s_out))`
   (derived from the fields); `rule` (`GRID_RULES`) `double` (the reference kernel, default),
-  `optimized`, or `ort` (ONNX Runtime's DequantizeLinear + QuantizeLinear in float32). A target
+  `optimized`, `xnnpack` (XNNPACK's qs8 convert) or `ort` (ONNX Runtime's DequantizeLinear +
+  QuantizeLinear in float32). A target
   whose ops have one output emits it where an accumulator feeds two
   grids (`mpq.export.exporter.Lowering.requantize_grid`)."""
   name = "requantize_grid"
@@ -283,6 +303,10 @@ class RequantizeGrid(IROp):
     (then no value falls below it), or else a MAXIMUM with the bottom (a signed grid below 8
     bits)."""
     x, _ = w.grid(op, op["input"])
+    if w.float:  # the float twin: one tensor
+      w.ids[op["output"]], w.offsets[op["output"]] = x, 0
+      w.grid_range[op["output"]] = tuple(op["clamp"])
+      return
     lo, hi = op["clamp"]
     src_lo = w.grid_range.get(op["input"], (None, None))[0]
     as_relu = lo == op["zero_point"] and src_lo == op["input_zero_point"]

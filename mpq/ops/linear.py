@@ -20,6 +20,9 @@ import numpy as np
 from mpq.ops.registry import IROp, OpKind, register
 from mpq.packing import storage, unpack
 
+# The onnx target stores weights as uint8 `w + WEIGHT_OFFSET` with that zero point (`LinearIR.onnx`).
+WEIGHT_OFFSET = 128
+
 # XLA CPU sends int8 convolutions with at most 16 input and 16 output channels to its generic
 # emitter and larger ones to YNNPACK; measured on 256x28x28 inputs, 3x3, 16 -> 16 channels: 87 ms,
 # the same with the output zero-padded to 17 channels: 12 ms (24: 13 ms, 32: 15 ms). Padded output
@@ -251,9 +254,18 @@ class LinearIR(IROp):
     s_in = np.float32(op["input_scale"])
     weights, qdim, options = self.tflite_layout(op, w_int, w)
     b = w.builder
+    bias_scale = (s_in * s_w).astype(np.float32)
+    if w.float:  # the float twin: dequantized weights and bias
+      per = [-1 if i == qdim else 1 for i in range(weights.ndim)]
+      wt = b.add_tensor(f"{op['name']}/weight", weights.shape, "float32",
+                        data=weights * np.broadcast_to(s_w, (cout,)).reshape(per))
+      bt = b.add_tensor(f"{op['name']}/bias", [cout], "float32",
+                        data=np.asarray(w.tensors[op["bias"]]) * bias_scale)
+      y, act = w.fused_output(r)
+      b.add_operator(kind, [x, wt, bt], [y], options(act))
+      return
     wt = b.add_tensor(f"{op['name']}/weight", weights.shape, w.weight_dtype(op), data=weights,
                       scale=s_w, zero_point=0, quantized_dimension=qdim)
-    bias_scale = (s_in * s_w).astype(np.float32)
     bt = b.add_tensor(f"{op['name']}/bias", [cout], "int32", data=w.tensors[op["bias"]],
                       scale=bias_scale, zero_point=0)
     y, act = w.fused_output(r)
@@ -277,21 +289,28 @@ class LinearIR(IROp):
     raise NotImplementedError
 
   def onnx(self, op, w):
-    """The QLinear op with int8 weights (any bits up to 8: QLinearConv and QGemm take no INT4),
-    per-channel float32 weight scales, the int32 bias, and the consuming requantization's grid as
-    its output (then a Clip where that grid is narrower than uint8)."""
+    """The QLinear op with uint8 weights (any bits up to 8, stored as `w + 128` with zero point
+    128 in every channel: QLinearConv and QGemm take no INT4), per-channel float32 weight scales,
+    the int32 bias, and the consuming requantization's grid as its output (then a Clip where that
+    grid is narrower than uint8).
+
+    Why uint8 and not int8 weights: on x86 CPUs without VNNI, MLAS runs uint8 x int8 products
+    with VPMADDUBSW, whose int16 sums of adjacent product pairs saturate (255 * 127 * 2 > 2^15):
+    measured on AVX-512BW without VNNI, 1647 of 2048 QGemm outputs wrong with full-range int8
+    weights. Its uint8 x uint8 kernels widen to int16 before multiplying and are exact on every
+    CPU; `(x - z_x)(w + 128 - 128)` is the same integer."""
     if op["w_bits"] > 8:
       w.fail(op, f"weights of {op['w_bits']} bits do not fit int8; the onnx target takes at most "
              "8-bit weights")
     r = w.requantize_of(op)
     x, _ = w.grid(op, op["input"])
     w.check_zero_point(op, op["input"], op["input_zero_point"])
-    w_int = np.asarray(w.tensors[op["weight"]])
+    w_int = np.asarray(w.tensors[op["weight"]], np.int64) + WEIGHT_OFFSET  # uint8 storage
     cout = w_int.shape[-1]
     b, name = w.builder, op["name"]
     wq = (b.const(f"{name}/weight_scale", np.broadcast_to(
         np.asarray(op["weight_scale"], np.float32).reshape(-1), (cout,))),
-          b.const(f"{name}/weight_zero_point", np.zeros(cout, np.int8), "int8"))
+          b.const(f"{name}/weight_zero_point", np.full(cout, WEIGHT_OFFSET, np.uint8), "uint8"))
     bias = b.const(f"{name}/bias", w.tensors[op["bias"]], "int32")
     y, ys, yz = w.output_of(r)
     self.onnx_node(op, w, x, w.qparams[op["input"]], w_int, wq, bias, (ys, yz), y)
@@ -331,7 +350,7 @@ class DenseIR(LinearIR):
 
 
   def onnx_node(self, op, w, x, xq, w_int, wq, bias, yq, y):
-    """com.microsoft QGemm (uint8 A, int8 B per column, int32 bias C). A flattening layer on an
+    """com.microsoft QGemm (uint8 A, uint8 B per column, int32 bias C). A flattening layer on an
     NCHW tensor flattens it with Flatten, in C, H, W order: its weight rows, in the executor's
     (NHWC) H, W, C order, are permuted to match."""
     shape = w.shapes[op["input"]]
@@ -344,7 +363,7 @@ class DenseIR(LinearIR):
       x = b.node("Flatten", [x], [f"{x}/flat"], axis=1)
     elif len(shape) != 2:
       w.fail(op, f"a dense layer on a {len(shape)}-d input has no onnx lowering")
-    wt = b.const(f"{op['name']}/weight", w_int, "int8")
+    wt = b.const(f"{op['name']}/weight", w_int, "uint8")
     b.node("QGemm", [x, *xq, wt, *wq, bias, *yq], [y])
 
 
@@ -388,7 +407,7 @@ class Conv2dIR(LinearIR):
         total = max((-(-n // s) - 1) * s + k - n, 0)
         pads[i], pads[i + 2] = total // 2, total - total // 2
     b = w.builder
-    wt = b.const(f"{op['name']}/weight", w_int.transpose(3, 2, 0, 1), "int8")
+    wt = b.const(f"{op['name']}/weight", w_int.transpose(3, 2, 0, 1), "uint8")
     b.node("QLinearConv", [x, *xq, wt, *wq, *yq, bias], [y], kernel_shape=[kh, kw],
            strides=list(op["stride"]), pads=pads, group=op["groups"], dilations=[1, 1])
 
