@@ -9,6 +9,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _share_jax_compilation_cache() -> None:
+  """One persistent JAX compilation cache for the whole test run: this process, the xdist workers
+  it starts and every CLI run (`run_cli`) inherit it through the environment, so a program that
+  many tests compile alike (the tiny config's train step, an exported model's executor, eager ops
+  of a given shape) is compiled once. Measured: exporting MobileNetV2 33 s cold, 11 s warm. A new
+  empty directory per run (removed at exit), so no result depends on an earlier run.
+  `mpq.train.compile_count` counts loads from this cache as compilations."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # set by the run that started this process
+    return
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  path = tempfile.mkdtemp(prefix="mpq-test-jax-cache-")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+_share_jax_compilation_cache()
+
+
 def run_cli(*args, env=None, timeout=300):
   """Runs `python <args>` in the repo root; returns CompletedProcess with text output."""
   e = dict(os.environ, **(env or {}))

@@ -146,14 +146,14 @@ def test_cross_entropy_with_label_smoothing_matches_numpy(eps):
 STEPS = 8
 
 
-def _train(env, workdir, *flags):
-  return run_cli(*TINY, f"--workdir={workdir}", *flags, env=env)
+def _train(workdir, *flags):
+  return run_cli(*TINY, f"--workdir={workdir}", *flags)
 
 
-def _in_parallel(env, jobs):
+def _in_parallel(jobs):
   """Runs `train.py` jobs side by side (start-up and compilation are mostly single-threaded)."""
   with ThreadPoolExecutor(len(jobs)) as pool:
-    return list(pool.map(lambda job: _train(env, *job), jobs))
+    return list(pool.map(lambda job: _train(*job), jobs))
 
 
 def _train_rows(workdir):
@@ -167,29 +167,19 @@ def _ok(result):
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-  """A JAX compilation cache shared by this file's runs (only): compilation is ~15 of a tiny QAT
-  run's ~22 CPU seconds, and runs that differ only in data (seed, teacher weights, bits) compile
-  the same programs."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-@pytest.fixture(scope="module")
-def teachers(jax_cache, tmp_path_factory):
+def teachers(tmp_path_factory):
   """Two float models of the tiny config trained 32 steps (65-71% test accuracy): seed 0 (the
   teacher and the students' init) and seed 1 (another model: the wrong teacher). One after the
   other: the second compiles nothing."""
   root = tmp_path_factory.mktemp("teachers")
   t0, t1 = str(root / "seed0"), str(root / "seed1")
-  _ok(_train(jax_cache, t0, "--config.num_train_steps=32"))
-  _ok(_train(jax_cache, t1, "--config.num_train_steps=32", "--config.seed=1"))
+  _ok(_train(t0, "--config.num_train_steps=32"))
+  _ok(_train(t1, "--config.num_train_steps=32", "--config.seed=1"))
   return t0, t1
 
 
 @pytest.fixture(scope="module")
-def qat_runs(jax_cache, teachers, tmp_path_factory):
+def qat_runs(teachers, tmp_path_factory):
   """Three short QAT runs initialised from the seed-0 float model:
     same    16-bit student distilled from its own float model (lr 1e-9: it stays that model)
     other   the same student distilled from the seed-1 float model
@@ -218,8 +208,8 @@ def qat_runs(jax_cache, teachers, tmp_path_factory):
   }
   dirs = {name: str(root / name) for name in jobs}
   results = dict(zip(("same", "damp"), _in_parallel(
-      jax_cache, [(dirs["same"], *jobs["same"]), (dirs["damp"], *jobs["damp"])])))
-  results["other"] = _train(jax_cache, dirs["other"], *jobs["other"])
+      [(dirs["same"], *jobs["same"]), (dirs["damp"], *jobs["damp"])])))
+  results["other"] = _train(dirs["other"], *jobs["other"])
   return {name: (dirs[name], results[name]) for name in jobs}
 
 

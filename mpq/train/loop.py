@@ -35,15 +35,17 @@ _compiles = [0]
 
 def _on_event(event: str, *args, **kwargs):
   del args, kwargs
-  if event == "/jax/core/compile/backend_compile_duration":
+  if event in ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_hits"):
     _compiles[0] += 1
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_event)
+jax.monitoring.register_event_listener(_on_event)
 
 
 def compile_count() -> int:
-  """XLA compilations in this process so far (a recompilation after step 1 is a bug)."""
+  """XLA compilations in this process so far, loads from a persistent compilation cache included
+  (a recompilation after step 1 is a bug)."""
   return _compiles[0]
 
 
