@@ -39,6 +39,7 @@ bench: setup
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/mixed.py
 	$(PY) benchmarks/integer.py
+	$(PY) benchmarks/deploy.py
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/litert_rules.py
 	$(PY) benchmarks/ort_rules.py

@@ -62,8 +62,19 @@ def speed_table(r: dict) -> str:
           "measured in one process (alternating calls after warm-up).\n\n" + speed.table(r["rows"]))
 
 
+def deploy_table(r: dict) -> str:
+  from benchmarks import deploy  # pylint: disable=g-import-not-at-top
+  rt = ", ".join(f"{k} {v}" for k, v in r["runtimes"].items())
+  n = sorted({row["num_examples"] for row in r["rows"]})
+  return (f"Fashion-MNIST test split (first {'/'.join(f'{x:,}' for x in n)} images), {rt}, "
+          f"{r['cpu']}; produced by `{r['command']}`. Mismatches: output values that differ "
+          "from mpq's executor emulating that runtime path. Latency: the integer file's batch-1 "
+          "one-thread median over its float twin's under the same resolver (LiteRT), timed "
+          "alternately in one process; ORT: the median in ms.\n\n" + deploy.table(r["rows"]))
+
+
 TABLES = {"accuracy": accuracy_table, "mixed": mixed_table, "integer": integer_table,
-          "speed": speed_table}
+          "speed": speed_table, "deploy": deploy_table}
 
 
 def main():
