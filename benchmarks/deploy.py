@@ -12,7 +12,8 @@ Each row's checkpoint is exported with `--target=tflite` and `--target=onnx` (ou
 calibrated on 1,000 training images, as `eval.py --export` does), and the file is run on the first
 --num_examples test images (uint8 pixels, as the dataset stores them) by each runtime path: LiteRT's
 `litert-ref` (BUILTIN_REF), `litert-ruy` (the builtin optimized kernels) and `litert-auto` (the
-default: XNNPACK where it takes an op), and ONNX Runtime (`ort`). Per (row, runtime):
+default: XNNPACK where it takes an op), and ONNX Runtime (`ort`). Per (row, runtime), besides
+`model`, `bits` (the row's: w8a8, w4a4, w2a2, mixed), `target` and `runtime`:
 
   size_bytes            the .tflite / .onnx file
   float_tflite_bytes    the float32 twin (`tflite_target.to_float_tflite`: same graph, float
@@ -28,6 +29,7 @@ default: XNNPACK where it takes an op), and ONNX Runtime (`ort`). Per (row, runt
                         file is faster. `latency_ms`: the integer file's median (absolute times on a
                         shared machine are noisy; the ratio is the figure)
   latency_ms            (ORT) the median batch-1 session run, one thread, ORT_ENABLE_ALL
+  weight_bits           the bits each layer's weights were trained at
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import cli, integer  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import cli, integer, ort_rules  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROWS = integer.ROWS
 RUNTIMES = {"tflite": ("litert-ref", "litert-ruy", "litert-auto"), "onnx": ("ort",)}
@@ -104,7 +106,6 @@ def run_row(name: str, args) -> list[dict]:
   ts = test_set(data, args.num_examples)
   fq_top1 = fake_quant_logits(fq_model, ts["image"]).argmax(-1)
   fq_acc = 100 * float(np.mean(fq_top1 == ts["label"]))
-  bits = {}
   out_rows = []
   for target, runtimes in RUNTIMES.items():
     out = os.path.join(wd, f"deploy_{target}")
@@ -114,8 +115,8 @@ def run_row(name: str, args) -> list[dict]:
                   {"dataset": config.dataset, "model": config.model, "step": step,
                    "workdir": os.path.abspath(wd)}, target=target, calibration=calib)
     manifest, tensors = export.load(out)
-    bits = {op["name"]: [op.get("w_bits_trained", op["w_bits"]), op.get("a_bits")]
-            for op in manifest["ops"] if "w_bits" in op}
+    layer_bits = {op["name"]: op.get("w_bits_trained", op["w_bits"])
+                  for op in manifest["ops"] if "w_bits" in op}
     with open(os.path.join(out, FILES[target]), "rb") as f:
       data_bytes = f.read()
     twin = tflite_target.to_float_tflite(manifest, tensors) if target == "tflite" else None
@@ -123,7 +124,8 @@ def run_row(name: str, args) -> list[dict]:
       t0 = time.time()
       r = evaluate_runtime(out, manifest, tensors, data, runtime, args.num_examples,
                            keep_outputs=True)
-      row = {"name": name, "model": config.model, "target": target, "runtime": runtime,
+      row = {"name": name, "model": config.model, "bits": name.split("_", 1)[1],
+             "target": target, "runtime": runtime,
              "size_bytes": len(data_bytes),
              "accuracy": round(100 * r["accuracy"], 2),
              "emulation_accuracy": round(100 * r["emulation_accuracy"], 2),
@@ -138,7 +140,7 @@ def run_row(name: str, args) -> list[dict]:
                                   args.latency_repeats))
       else:
         row.update(ort_latency(data_bytes, r["images"], args.latency_repeats))
-      row["bits"] = bits
+      row["weight_bits"] = layer_bits
       row["seconds"] = round(time.time() - t0, 1)
       out_rows.append(row)
       print(f"   {name} {runtime:11s} acc {row['accuracy']:.2f}% mismatches {row['mismatches']} "
@@ -183,7 +185,8 @@ def main(argv=None):
   out = {"dataset": "fashion_mnist", "rows": rows, "command": command.strip(),
          "runtimes": {"ai-edge-litert": tflite_builder.litert_version(),
                       "onnxruntime": onnx_builder.ort_version()},
-         "cpu": f"{os.cpu_count()} cores", "seconds": round(time.time() - t0, 1)}
+         "cpu": f"{os.cpu_count()} cores", "cpu_flags": ort_rules.cpu_flags(),
+         "seconds": round(time.time() - t0, 1)}
   if os.path.exists(args.out):  # keep rows of earlier runs that this run did not redo
     with open(args.out, encoding="utf-8") as f:
       old = json.load(f)

@@ -581,7 +581,7 @@ def main(argv=None):
       command=" ".join(["python", "benchmarks/ort_rules.py"] + (argv or sys.argv[1:])),
       runtime=dict(onnxruntime=ob.ort_version(), onnx=ob.onnx_version(),
                    python=platform.python_version(), machine=platform.machine(),
-                   processor=platform.processor() or None, cpu_flags=_cpu_flags()),
+                   processor=platform.processor() or None, cpu_flags=cpu_flags()),
       levels=list(LEVELS), threads=list(THREADS), configs_per_regime=a.configs,
       outputs_per_config=a.outputs, seconds=round(time.time() - t0, 1),
       total_outputs_compared=sum(r["outputs"] for r in rows),
@@ -594,7 +594,7 @@ def main(argv=None):
   return 1 if bad else 0
 
 
-def _cpu_flags() -> list[str] | None:
+def cpu_flags() -> list[str] | None:
   """The x86 SIMD features that select MLAS kernels (AVX2, AVX-512, VNNI, AMX), where readable."""
   try:
     text = Path("/proc/cpuinfo").read_text()

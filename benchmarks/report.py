@@ -66,8 +66,9 @@ def deploy_table(r: dict) -> str:
   from benchmarks import deploy  # pylint: disable=g-import-not-at-top
   rt = ", ".join(f"{k} {v}" for k, v in r["runtimes"].items())
   n = sorted({row["num_examples"] for row in r["rows"]})
+  flags = f" ({', '.join(r['cpu_flags'])})" if r.get("cpu_flags") else ""
   return (f"Fashion-MNIST test split (first {'/'.join(f'{x:,}' for x in n)} images), {rt}, "
-          f"{r['cpu']}; produced by `{r['command']}`. Mismatches: output values that differ "
+          f"{r['cpu']}{flags}; produced by `{r['command']}`. Mismatches: output values that differ "
           "from mpq's executor emulating that runtime path. Latency: the integer file's batch-1 "
           "one-thread median over its float twin's under the same resolver (LiteRT), timed "
           "alternately in one process; ORT: the median in ms.\n\n" + deploy.table(r["rows"]))
