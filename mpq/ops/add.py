@@ -155,7 +155,9 @@ def xnnpack_add_params(s_a: float, s_b: float, s_c: float) -> tuple[int, int, in
 def _table_xnnpack(op, za, zb, zc) -> np.ndarray:
   """XNNPACK's qs8 add (measured against LiteRT `AUTO`; `tests/test_requant_rules.py`): integer,
   `(2^(shift-1) + m_a (a - z_a) + m_b (b - z_b)) >> shift` (an arithmetic shift: ties toward +inf),
-  then `+ z_c` and the clamp."""
+  then `+ z_c` and the clamp. The table holds the shifted sum (the result minus `z_c`), which
+  depends only on `q - z` of the inputs: `zc` is not needed."""
+  del zc
   (s_a, s_b), s_c = op["input_scales"], op["output_scale"]
   m_a, m_b, shift = xnnpack_add_params(s_a, s_b, s_c)
   v = np.arange(256, dtype=np.int64)
@@ -219,8 +221,6 @@ class AddGridIR(AddIR):
     za, zb = (z + off - cls.base(op) for z, off in zip(op["input_zero_points"],
                                                         op["input_storage"]))
     zc = op["output_zero_point"] + op["output_storage"] - cls.base(op)
-    if op["rule"] == "xnnpack":  # shift-invariant: computed on q - z
-      zc = op["output_zero_point"]
     out = ADD_GRID_RULES[op["rule"]](op, za, zb, zc)
     return np.clip(out, -2 ** 24, 2 ** 24).astype(np.int32)
 
