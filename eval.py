@@ -77,14 +77,18 @@ def main(argv):
     return _integer(FLAGS)
   if not FLAGS.workdir:
     raise UserError("--workdir is required: the directory of a training run")
-  from mpq.train import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
+  from mpq.experiment import evaluate_run  # pylint: disable=g-import-not-at-top
   overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else None
-  r = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.which, overrides, FLAGS.mode,
-                          _ptq(FLAGS))
-  print(table([("workdir", FLAGS.workdir), ("step", r["step"]), ("mode", r["mode"]),
-               ("model", r["config"]["model"]), ("dataset", r["config"]["dataset"]),
-               ("examples", r["num_examples"]), ("accuracy", f"{100 * r['accuracy']:.2f}%"),
-               ("loss", f"{r['loss']:.4f}")]))
+  r = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.which, overrides, FLAGS.mode, _ptq(FLAGS))
+  mode = r["mode"] + (f" (as {r['target']} computes it: config.quant.target)" if "target" in r
+                      else "")
+  rows = [("workdir", FLAGS.workdir), ("step", r["step"]), ("mode", mode),
+          ("model", r["config"]["model"]), ("dataset", r["config"]["dataset"]),
+          ("examples", r["num_examples"]), ("accuracy", f"{100 * r['accuracy']:.2f}%"),
+          ("loss", f"{r['loss']:.4f}")]
+  if "fake_quant_accuracy" in r:
+    rows.append(("fake-quant acc.", f"{100 * r['fake_quant_accuracy']:.2f}%"))
+  print(table(rows))
   if FLAGS.export_bits:
     if "bits" not in r:
       raise UserError(f"{FLAGS.workdir} holds a float model: there is no bit assignment to export")
@@ -132,11 +136,22 @@ def _ptq(F):
           "calib_weight": F.calib_weight, "estimator": "lsq"}
 
 
+def _run_target(F, config) -> str:
+  """The export target: --target, or for a run with config.quant.target (and no --target) the
+  target whose files that kernel family runs."""
+  from mpq.export import targets  # pylint: disable=g-import-not-at-top
+  family = config.quant.target
+  if F["target"].present or not family or F.ptq:
+    return F.target
+  return targets.for_emulation(family).name
+
+
 def _integer(F):
   """--export, --mode=int (from --workdir or --model) and --compare."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from mpq import data as data_lib, export  # pylint: disable=g-import-not-at-top
-  from mpq.export.evaluate import evaluate_int  # pylint: disable=g-import-not-at-top
+  from mpq.export.evaluate import (  # pylint: disable=g-import-not-at-top
+      calibration_images, evaluate_int)
   from mpq.train.loop import load_model  # pylint: disable=g-import-not-at-top
   if F.model and F.workdir:
     raise UserError("pass --workdir (a checkpoint) or --model (an exported dir), not both")
@@ -161,15 +176,18 @@ def _integer(F):
       raise UserError(f"{F.workdir} holds a float model; integer export needs a QAT checkpoint, "
                       "or --ptq to calibrate this one")
     model_dir = F.export or tempfile.mkdtemp(prefix="mpq_int_")
+    target = _run_target(F, config)
     calib = None
-    if export.TARGETS[F.target].output_dtype:
-      calib = next(data_lib.eval_batches(data, F.calib_examples, split="train"))["image"]
+    if export.TARGETS[target].output_dtype:
+      calib = calibration_images(data, F.calib_examples)
+    family = config.quant.target if not F.ptq else ""
     export.export(fq_model, data.image_shape, model_dir,
                   {"dataset": config.dataset, "data_dir": config.data_dir,
                    "num_test_examples": config.num_test_examples, "model": config.model,
                    "input_norm": config.input_norm,
-                   "workdir": os.path.abspath(F.workdir), "step": step, "ptq": _ptq(F)},
-                  target=F.target, calibration=calib,
+                   "workdir": os.path.abspath(F.workdir), "step": step, "ptq": _ptq(F),
+                   **({"quant_target": family} if family else {})},
+                  target=target, calibration=calib,
                   options={"weights": F.tflite_weights} if F.tflite_weights else None)
     manifest, tensors = export.load(model_dir)
     result["step"] = step

@@ -6,7 +6,9 @@ Output:   benchmarks/results/deploy.json and a table on stdout (pasted into the 
 Runtime:  about 15 minutes on 2 CPU cores for the four cnn rows when their checkpoints exist
           (`benchmarks/integer.py`'s rows: the accuracy benchmark's QAT checkpoints and the mixed
           benchmark's `ilp_measured_b3`, trained first if missing: about 30 minutes more);
-          resnet20 rows (`--rows=resnet20_w8a8,...`) train a float ResNet-20 first if missing.
+          resnet20 and mobilenet_v2 rows (`--rows=resnet20_w8a8,...,mobilenet_v2_mixed`) train
+          their float model first if missing (`configs/fmnist_resnet20.py`,
+          `configs/fmnist_mobilenet_v2.py`), then 150 QAT steps per row (`benchmarks/integer.py`).
 
 Each row's checkpoint is exported with `--target=tflite` and `--target=onnx` (output grid
 calibrated on 1,000 training images, as `eval.py --export` does), and the file is run on the first
@@ -51,7 +53,6 @@ from benchmarks import cli, integer, ort_rules  # noqa: E402  pylint: disable=g-
 ROWS = integer.ROWS
 RUNTIMES = {"tflite": ("litert-ref", "litert-ruy", "litert-auto"), "onnx": ("ort",)}
 FILES = {"tflite": "model.tflite", "onnx": "model.onnx"}
-CALIB_EXAMPLES = 1000
 
 
 def _median_pair(calls: dict, repeats: int, warmup: int = 20) -> dict:
@@ -95,16 +96,17 @@ def ort_latency(model: bytes, x, repeats: int) -> dict:
 
 def run_row(name: str, args) -> list[dict]:
   """Exports row `name`'s checkpoint to both targets and runs each runtime path."""
-  from mpq import data as data_lib, export  # pylint: disable=g-import-not-at-top
+  from mpq import export  # pylint: disable=g-import-not-at-top
   from mpq.export import tflite_target  # pylint: disable=g-import-not-at-top
-  from mpq.export.evaluate import evaluate_runtime, test_set  # pylint: disable=g-import-not-at-top
-  from mpq.export.exporter import fake_quant_logits  # pylint: disable=g-import-not-at-top
+  from mpq.export.evaluate import (  # pylint: disable=g-import-not-at-top
+      calibration_images, evaluate_runtime, test_set)
+  from mpq.export import exporter  # pylint: disable=g-import-not-at-top
   from mpq.train.loop import load_model  # pylint: disable=g-import-not-at-top
   wd = integer.row_workdir(name, args)
   fq_model, config, data, step = load_model(wd)
-  calib = next(data_lib.eval_batches(data, CALIB_EXAMPLES, split="train"))["image"]
+  calib = calibration_images(data)
   ts = test_set(data, args.num_examples)
-  fq_top1 = fake_quant_logits(fq_model, ts["image"]).argmax(-1)
+  fq_top1 = exporter.fake_quant_logits(fq_model, ts["image"]).argmax(-1)
   fq_acc = 100 * float(np.mean(fq_top1 == ts["label"]))
   out_rows = []
   for target, runtimes in RUNTIMES.items():
@@ -115,8 +117,7 @@ def run_row(name: str, args) -> list[dict]:
                   {"dataset": config.dataset, "model": config.model, "step": step,
                    "workdir": os.path.abspath(wd)}, target=target, calibration=calib)
     manifest, tensors = export.load(out)
-    layer_bits = {op["name"]: op.get("w_bits_trained", op["w_bits"])
-                  for op in manifest["ops"] if "w_bits" in op}
+    layer_bits = {k: v["w_bits"] for k, v in exporter.layer_bits(manifest).items()}
     with open(os.path.join(out, FILES[target]), "rb") as f:
       data_bytes = f.read()
     twin = tflite_target.to_float_tflite(manifest, tensors) if target == "tflite" else None
@@ -124,7 +125,7 @@ def run_row(name: str, args) -> list[dict]:
       t0 = time.time()
       r = evaluate_runtime(out, manifest, tensors, data, runtime, args.num_examples,
                            keep_outputs=True)
-      row = {"name": name, "model": config.model, "bits": name.split("_", 1)[1],
+      row = {"name": name, "model": config.model, "bits": integer.split_row(name)[1],
              "target": target, "runtime": runtime,
              "size_bytes": len(data_bytes),
              "accuracy": round(100 * r["accuracy"], 2),

@@ -15,6 +15,8 @@ Rows (Fashion-MNIST test split, 10,000 images):
                                  at 8 bits, SGD at --resnet_qat_lr
   resnet20_mixed                 the same with mixed.method=ilp (measured sensitivity), weights at
                                  an average of 3 bits, activations at 4
+  mobilenet_v2_*                 the same four from the float MobileNetV2 (width 0.35,
+                                 `configs/fmnist_mobilenet_v2.py`, --mobilenet_float)
 Each row: fake-quant accuracy, integer accuracy, top-1 agreement, the largest logit difference in
 accumulator LSBs, and the exported size (manifest + weights.npz) against float32 parameters and
 batch statistics. Targets: integer accuracy within 0.1 points of fake-quant, agreement >= 99.5%.
@@ -39,23 +41,36 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import accuracy, cli, mixed  # noqa: E402  pylint: disable=g-import-not-at-top
 
+# Deep models: their float config (`configs/`) and the flag naming their float workdir.
+DEEP = {"resnet20": ("fmnist_resnet20", "resnet_float"),
+        "mobilenet_v2": ("fmnist_mobilenet_v2", "mobilenet_float")}
 ROWS = ([f"cnn_w{b}a{b}" for b in (8, 4, 2)] + ["cnn_mixed"]
-        + [f"resnet20_w{b}a{b}" for b in (8, 4, 2)] + ["resnet20_mixed"])
-RESNET_PIN = "stem|head"
+        + [f"{m}_{w}" for m in DEEP for w in ("w8a8", "w4a4", "w2a2", "mixed")])
+DEEP_PIN = "stem|head"
 
 
-def resnet_float(args) -> str:
-  from configs import fmnist_resnet20  # pylint: disable=g-import-not-at-top
+def split_row(name: str) -> tuple[str, str]:
+  """("mobilenet_v2", "w8a8") of row "mobilenet_v2_w8a8"."""
+  model, what = name.rsplit("_", 1)
+  return model, what
+
+
+def float_workdir(model: str, args) -> str:
+  """Trains (or reuses) the float checkpoint of a deep model; returns its workdir."""
+  import importlib  # pylint: disable=g-import-not-at-top
   from mpq.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  train_and_evaluate(fmnist_resnet20.get_config(), args.resnet_float, progress=False)
-  return args.resnet_float
+  config_name, flag = DEEP[model]
+  wd = getattr(args, flag)
+  train_and_evaluate(importlib.import_module(f"configs.{config_name}").get_config(), wd,
+                     progress=False)
+  return wd
 
 
 def row_workdir(name: str, args) -> str:
   """Trains (or reuses) the QAT checkpoint of a row; returns its workdir."""
   from benchmarks import pareto  # pylint: disable=g-import-not-at-top
   from mpq.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  model, what = name.split("_", 1)
+  model, what = split_row(name)
   if model == "cnn":
     acc_args = argparse.Namespace(**{**vars(args), "workdir": args.accuracy_workdir})
     accuracy.run_row("fp32", acc_args)
@@ -68,8 +83,8 @@ def row_workdir(name: str, args) -> str:
       return wd
     accuracy.run_row(f"qat_{what}", acc_args)
     return os.path.join(args.accuracy_workdir, f"qat_{what}")
-  fp = resnet_float(args)
-  c = pareto.qat_config(fp, 1.0, args.resnet_qat_lr, RESNET_PIN)
+  fp = float_workdir(model, args)
+  c = pareto.qat_config(fp, 1.0, args.resnet_qat_lr, DEEP_PIN)
   # residual additions keep 8-bit inputs (at 2 bits every block's sum collapses the signal)
   c.quant.rules = tuple(c.quant.rules) + ((r".*/add", {"a_bits": 8}),)
   c.num_train_steps, c.warmup_steps = args.resnet_qat_steps, max(1, args.resnet_qat_steps // 5)
@@ -175,8 +190,12 @@ def add_row_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--mixed_workdir", default=os.path.join(ROOT, "workdirs", "bench_mixed"))
   p.add_argument("--resnet_float", default=os.path.join(ROOT, "workdirs", "bench_integer",
                                                         "resnet20_fp32"))
-  p.add_argument("--resnet_qat_steps", type=int, default=150)
-  p.add_argument("--resnet_qat_lr", type=float, default=0.01)
+  p.add_argument("--mobilenet_float", default=os.path.join(ROOT, "workdirs", "bench_integer",
+                                                           "mobilenet_v2_fp32"))
+  p.add_argument("--resnet_qat_steps", type=int, default=150,
+                 help="QAT steps of every deep-model row (resnet20, mobilenet_v2)")
+  p.add_argument("--resnet_qat_lr", type=float, default=0.01,
+                 help="QAT learning rate of every deep-model row")
   accuracy.add_recipe_args(p)
 
 
@@ -199,9 +218,10 @@ def main():
     print(f"== {name}: fake-quant {row['fake_quant_accuracy']:.2f}%, int {row['int_accuracy']:.2f}%,"
           f" agreement {row['agreement']:.2f}%", flush=True)
     if name.endswith("_w8a8"):
-      float_dir = (os.path.join(args.accuracy_workdir, "fp32") if name.startswith("cnn")
-                   else args.resnet_float)
-      speeds.append(speed(name.split("_")[0], exported, float_dir, args.repeats))
+      model = split_row(name)[0]
+      float_dir = (os.path.join(args.accuracy_workdir, "fp32") if model == "cnn"
+                   else getattr(args, DEEP[model][1]))
+      speeds.append(speed(model, exported, float_dir, args.repeats))
       print(f"== {speeds[-1]['name']}: {speeds[-1]['int_img_s']:.0f} vs "
             f"{speeds[-1]['float_img_s']:.0f} img/s", flush=True)
   import jax  # pylint: disable=g-import-not-at-top

@@ -268,6 +268,11 @@ def _models():
   return sorted(MODELS)
 
 
+def _families():
+  from mpq.export.targets import emulation_names  # pylint: disable=g-import-not-at-top
+  return ("",) + emulation_names()
+
+
 def _act_methods():
   from mpq.quant.calibration import ACT_METHODS  # pylint: disable=g-import-not-at-top
   return ACT_METHODS
@@ -383,6 +388,13 @@ FIELDS: tuple[Field, ...] = (
     Field("quant.rules", (), "ordered (regex, dict(w_bits=, a_bits=, estimator=)) pairs over layer "
           "paths, the first full match wins (see mpq.quant.rules)",
           Pairs("(regex, dict(w_bits=..., a_bits=..., estimator=...))")),
+    Field("quant.target", "", "a kernel family (mpq, litert-ref, litert-ruy, litert-auto, ort) "
+          "that the run targets from the start: every evaluation runs the model as that family "
+          "computes it (lowered for the family's format, multipliers derived from float32 scales "
+          "as the runtime derives them, in mpq's executor emulating the family), and eval.py "
+          "evaluates and exports for it, so that evaluation, executor and runtime agree bit for "
+          "bit; training's forward is unchanged ('' = evaluate the fake-quant forward)",
+          one_of(_families)),
     Field("quant.calib_act", "percentile", "activation calibration before training",
           one_of(_act_methods)),
     Field("quant.calib_weight", "mse", "weight calibration (per channel)", one_of(_weight_methods)),
@@ -540,6 +552,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(not (qc.enabled and per_channel) or qc.calib_act in ("max", "percentile"),
         f"config.quant.calib_act={qc.calib_act!r} cannot calibrate per-channel activations "
         "(a_per_channel); use max or percentile")
+  if qc.target:
+    check(qc.enabled, f"config.quant.target={qc.target!r} targets a quantized model: set "
+          "config.quant.enabled=True")
+    from mpq.export.targets import for_emulation  # pylint: disable=g-import-not-at-top
+    owner = for_emulation(qc.target)
+    check(not owner.pixel_input or config.input_norm == "pixel",
+          f"config.quant.target={qc.target!r} runs {owner.name} files, which take the uint8 image: "
+          "set config.input_norm='pixel'")
   if mc.enabled:
     check(qc.enabled, "config.mixed.enabled=True needs config.quant.enabled=True")
     if mc.method == "dbits":

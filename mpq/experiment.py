@@ -104,6 +104,7 @@ def train_and_evaluate(config, workdir: str, progress=None,
     teacher = None
     if config.quant.enabled and config.quant.teacher_workdir:
       teacher = load_teacher(config.quant.teacher_workdir, data)
+    evaluator = _target_evaluator(config, data, graphdef, state)
     if changes:
       print(workdir_lib.describe_changes(changes, int(state.step), old_total, total), flush=True)
     bits = (_bits_report(graphdef, state, qtable, data, allocation)
@@ -112,11 +113,29 @@ def train_and_evaluate(config, workdir: str, progress=None,
     _start(workdir, config, int(state.step), changes, allow_config_change, bits, skipped)
     lock.started()
     result, state = loop.fit(config, workdir, data, mesh, graphdef, state, tx, total, per_epoch,
-                             hook=hook, teacher=teacher, progress=progress)
+                             hook=hook, teacher=teacher, progress=progress, evaluator=evaluator)
     if isinstance(hook, dbits_lib.Training):
       bits = _bits_report(graphdef, state, qtable, data, None)
       write_bits(workdir, {**bits, **hook.report(bits, state)})
   return result
+
+
+def evaluate_run(workdir: str, step: int | None = None, which: str = "latest",
+                 overrides: dict | None = None, mode: str = "auto", ptq=None) -> dict:
+  """`mpq.train.evaluate_checkpoint`, except that a run with `config.quant.target` evaluates (mode
+  auto) as that kernel family computes the model, as its training evaluations did
+  (`_target_evaluator`); the result then also holds the fake-quant forward's `fake_quant_accuracy`
+  and `fake_quant_loss`, and `target` names the family."""
+  r = loop.evaluate_checkpoint(workdir, step, which, overrides, mode, ptq)
+  family = r["config"]["quant"].get("target")
+  if mode != "auto" or ptq or not family:
+    return r
+  from mpq.export import evaluate as export_eval  # pylint: disable=g-import-not-at-top
+  model, config, data, _ = loop.load_model(workdir, r["step"], which, overrides)
+  t = export_eval.evaluate_as(model, data.image_shape, family, export_eval.test_set(data),
+                              export_eval.calibration_images(data), config.eval_batch_size)
+  return {**r, "fake_quant_accuracy": r["accuracy"], "fake_quant_loss": r["loss"], **t,
+          "mode": "int"}
 
 
 def _start(workdir: str, config, step: int, changes: dict, forced: bool, bits: dict | None,
@@ -136,6 +155,30 @@ def _start(workdir: str, config, step: int, changes: dict, forced: bool, bits: d
   workdir_lib.record_start(workdir, config.to_json(indent=2, sort_keys=True), step, changes, forced)
   if bits is not None:
     write_bits(workdir, bits)
+
+
+def _target_evaluator(config, data, graphdef, state: TrainState):
+  """`config.quant.target`: the evaluation of a state as that kernel family computes the model
+  (`mpq.export.evaluate.evaluate_as`: lowered for the family's format with its multipliers and
+  rules, the output grid calibrated on `CALIB_EXAMPLES` training images as `eval.py --export`
+  does, run in mpq's executor), or None. The starting model is lowered once here, so that a model
+  the family cannot express fails before training (one line naming the layer)."""
+  family = config.quant.target
+  if not family:
+    return None
+  from mpq.export import evaluate as export_eval  # pylint: disable=g-import-not-at-top
+  calib = export_eval.calibration_images(data)
+  test = export_eval.test_set(data, batch_size=config.eval_batch_size)
+
+  def model_of(st):
+    return nnx.merge(graphdef, jax.device_get(st.params), jax.device_get(st.rest))
+
+  try:
+    export_eval.lower_for(model_of(state), data.image_shape, family, calib)
+  except UserError as e:
+    raise UserError(f"config.quant.target={family!r}: {e}") from None
+  return lambda st: export_eval.evaluate_as(model_of(st), data.image_shape, family, test, calib,
+                                            config.eval_batch_size)
 
 
 def _with_model(graphdef, state: TrainState, fn) -> TrainState:

@@ -31,7 +31,7 @@ LOCK, CONFIG, HISTORY = ".lock", "config.json", "config_history.jsonl"
 # Fields that may change when a run is resumed: they change what is logged or kept, where the data
 # is read from, or (the schedule's length, when extended) how long the same run goes on.
 RESUMABLE = ("num_train_steps", "num_epochs", "log_every", "eval_every", "checkpoint_every",
-             "keep_checkpoints", "eval_batch_size", "data_dir")
+             "keep_checkpoints", "eval_batch_size", "data_dir", "quant.target")
 _SCHEDULE = ("num_train_steps", "num_epochs")
 
 

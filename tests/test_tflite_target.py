@@ -170,9 +170,14 @@ def test_what_tflite_cannot_express_is_refused_with_one_line(tmp_path):
   shape = (28, 28, 1)
   model, _ = quant_model.build(c, 10, shape)
   out = tmp_path / "tfl"
-  with pytest.raises(ExportError, match=r"op 'conv1->conv2' \(requantize\): its output grid "
-                     r"\[0, 4095\] does not fit int8 storage; the tflite target takes activations "
-                     "of at most 8 bits"):
+  with pytest.raises(ExportError, match=r"layer 'conv1': its output grid \[0, 4095\] does not "
+                     "fit int8 storage; the tflite target takes activations of at most 8 bits"):
+    export.export(model, shape, str(out), target="tflite", calibration=_pixels(64)["image"])
+  assert not out.exists()
+  c.quant.rules = (("conv2", {"w_bits": 12}),)
+  model, _ = quant_model.build(c, 10, shape)
+  with pytest.raises(ExportError, match=r"layer 'conv2': weights of 12 bits do not fit int8; the "
+                     "tflite target takes at most 8-bit weights"):
     export.export(model, shape, str(out), target="tflite", calibration=_pixels(64)["image"])
   assert not out.exists()
   r = {"op": "requantize", "name": "a->b", "output": "t", "clamp": [-8, 7], "zero_point": 0,

@@ -15,7 +15,9 @@ import numpy as np
 from mpq import data as data_lib
 from mpq.errors import UserError
 from mpq.export import targets as targets_lib
-from mpq.export.exporter import ExportError, fake_quant_logits
+from mpq.export.exporter import ExportError, fake_quant_logits, lower, validate
+
+CALIB_EXAMPLES = 1000  # training images that calibrate an integer output grid (eval.py's default)
 
 
 def test_set(data, num_examples: int | None = None, batch_size: int = 500) -> dict:
@@ -38,6 +40,12 @@ def test_set(data, num_examples: int | None = None, batch_size: int = 500) -> di
   return out
 
 
+def calibration_images(data, num_examples: int = CALIB_EXAMPLES) -> np.ndarray:
+  """The first `num_examples` training images (float32, normalised), unshuffled: the images that
+  calibrate an exported model's integer output grid."""
+  return np.asarray(next(data_lib.eval_batches(data, num_examples, split="train"))["image"])
+
+
 def target_of(manifest: dict):
   return targets_lib.get(manifest.get("target", "mpq"))
 
@@ -58,9 +66,18 @@ def resolve(manifest: dict, model_dir: str | None, name: str, kind: str):
   return t
 
 
+def default_emulation(manifest: dict) -> str | None:
+  """The kernel family an exported model is evaluated as when none is named: the one its run
+  targeted (`config.quant.target`, recorded as `source.quant_target`) where the file's target runs
+  it, else None (as exported)."""
+  family = manifest.get("source", {}).get("quant_target")
+  return family if family in target_of(manifest).emulations else None
+
+
 def emulated(manifest: dict, tensors: dict, emulate: str | None = None, model_dir=None):
-  """(manifest, tensors) as the executor runs them for kernel family `emulate` (None: as
-  exported)."""
+  """(manifest, tensors) as the executor runs them for kernel family `emulate` (None:
+  `default_emulation`, or as exported)."""
+  emulate = emulate or default_emulation(manifest)
   if emulate is None:
     return manifest, tensors
   return resolve(manifest, model_dir, emulate, "emulate").emulate(manifest, tensors, emulate)
@@ -110,7 +127,8 @@ def evaluate_int(manifest: dict, tensors: dict, data, batch_size: int = 500, fq_
   images = ts["pixels"] if manifest["input"].get("pixels") else ts["image"]
   outputs = executor_outputs(m, t, images, batch_size)
   out = dict(scores(manifest, outputs, ts["label"]), mode="int",
-             emulate=emulate or manifest.get("family") or target_of(manifest).emulations[0])
+             emulate=(emulate or default_emulation(manifest) or manifest.get("family")
+                      or target_of(manifest).emulations[0]))
   if fq_model is not None:
     fq = fake_quant_logits(fq_model, ts["image"], batch_size)
     lsb = np.asarray(manifest["ops"][-1]["scale"])
@@ -120,6 +138,27 @@ def evaluate_int(manifest: dict, tensors: dict, data, batch_size: int = 500, fq_
   if keep_outputs:
     out.update(images=target_of(manifest).file_input(images), outputs=outputs, labels=ts["label"])
   return out
+
+
+def lower_for(model, image_shape, family: str, calibration, meta: dict | None = None
+              ) -> tuple[dict, dict]:
+  """(manifest, tensors) of `model` lowered for the target whose files kernel family `family`
+  runs, as the executor runs them for that family (`config.quant.target`): the export as written,
+  then the family's emulation. `calibration`: float model inputs for an integer output grid."""
+  t = targets_lib.for_emulation(family)
+  manifest, stored = lower(model, image_shape, t.name,
+                           calibration if t.output_dtype else None, None, meta)
+  return t.emulate(manifest, validate(manifest, stored), family)
+
+
+def evaluate_as(model, image_shape, family: str, test: dict, calibration,
+                batch_size: int = 500) -> dict:
+  """The accuracy and loss of `model` as kernel family `family` computes it (`lower_for`, then
+  mpq's executor) on `test` (`test_set`'s dict); the result's `target` names the family."""
+  m, t = lower_for(model, image_shape, family, calibration)
+  images = test["pixels"] if m["input"].get("pixels") else test["image"]
+  outputs = executor_outputs(m, t, images, batch_size)
+  return dict(scores(m, outputs, test["label"]), target=family)
 
 
 def evaluate_runtime(model_dir: str, manifest: dict, tensors: dict, data, runtime: str,

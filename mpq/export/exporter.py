@@ -68,6 +68,17 @@ def export(model, image_shape, out_dir: str, meta: dict | None = None, target: s
   t = targets_lib.get(target)
   options = t.check_options(options or {})
   check_out_dir(out_dir)
+  manifest, tensors = lower(model, image_shape, t.name, calibration, options, meta)
+  write(out_dir, t, manifest, tensors)
+  return manifest
+
+
+def lower(model, image_shape, target: str = "mpq", calibration=None, options: dict | None = None,
+          meta: dict | None = None) -> tuple[dict, dict]:
+  """The integer model of `model` for `target`, in memory: (manifest, tensors) as `export` writes
+  them (see there for `calibration`, `options` and `meta`)."""
+  t = targets_lib.get(target)
+  options = t.check_options(options or {})
   output_grid = None
   if t.output_dtype is not None:
     if calibration is None:
@@ -75,9 +86,7 @@ def export(model, image_shape, out_dir: str, meta: dict | None = None, target: s
                         "calibrated: pass calibration images")
     output_grid = calibrate_output(model, calibration, signed=t.output_dtype == "int8")
   lowering = Lowering(graph_lib.capture(model, image_shape), image_shape, t, output_grid, options)
-  manifest = lowering.run(meta)
-  write(out_dir, t, manifest, lowering.tensors)
-  return manifest
+  return lowering.run(meta), lowering.tensors
 
 
 def fake_quant_logits(model, images, batch_size: int = 500) -> np.ndarray:
@@ -107,6 +116,13 @@ def calibrate_output(model, images, batch_size: int = 500, signed: bool = True) 
           "signed": signed, "qmin": qmin, "qmax": qmin + 255}
 
 
+def layer_bits(manifest: dict) -> dict[str, dict]:
+  """{op name: {"w_bits", "a_bits"}} of every dense/conv op, the weight bits as trained (a
+  `weights='exact'` export stores them in int8)."""
+  return {op["name"]: {"w_bits": op.get("w_bits_trained", op["w_bits"]), "a_bits": op["a_bits"]}
+          for op in manifest["ops"] if "w_bits" in op}
+
+
 def file_metadata(manifest: dict, layout: str, verified_with: str) -> dict[str, str]:
   """What a deployment needs to feed an exported file and read it, as {str: str} (a .tflite's
   `mpq` metadata buffer holds it as JSON, an .onnx's `metadata_props` entry by entry): the input
@@ -117,8 +133,7 @@ def file_metadata(manifest: dict, layout: str, verified_with: str) -> dict[str, 
   src = manifest.get("source") or {}
   spec = manifest["input"]
   last = manifest["ops"][-1]
-  bits = {op["name"]: {"w_bits": op.get("w_bits_trained", op["w_bits"]), "a_bits": op["a_bits"]}
-          for op in manifest["ops"] if "w_bits" in op}
+  bits = layer_bits(manifest)
   names = sources.class_names(str(src.get("dataset", ""))) if src.get("dataset") else None
   return {
       "mpq_version": mpq.__version__,
@@ -323,13 +338,16 @@ class Lowering:
       self.fail(f"layer {node.name!r} is not quantized; export a quantized (QAT or PTQ) model")
     return node.layer
 
-  def integer_weights(self, layer, w, b):
+  def integer_weights(self, layer, w, b, name: str):
     """(weight grid, integer weights int64, integer bias float64) of a dense/conv layer, the
     integers its evaluation uses (`mpq.quant.layers.integer_form`)."""
     g_w = grid(layer.wq, w)  # raises unless the weight grid exists
     _, _, w_int, bias = integer_form(layer.aq, layer.wq, w, layer.wq(w), b)
-    return self.target.weight_layout(g_w, np.asarray(w_int, np.int64),
-                                     np.asarray(bias, np.float64), self.options)
+    try:
+      return self.target.weight_layout(g_w, np.asarray(w_int, np.int64),
+                                       np.asarray(bias, np.float64), self.options)
+    except ValueError as e:
+      self.fail(f"layer {name!r}: {e}")
 
   def accumulator(self, tensor: str, name: str, acc_tensor: str, scale, bound: float) -> None:
     """Records graph tensor `tensor` as the int32 accumulator `acc_tensor` (produced by the last op
@@ -616,6 +634,13 @@ def load(model_dir: str) -> tuple[dict, dict]:
   manifest = _read_manifest(model_dir, path)
   _check_top(manifest, path)
   raw = _read_weights(os.path.join(model_dir, "weights.npz"))
+  return manifest, validate(manifest, raw, path)
+
+
+def validate(manifest: dict, raw: dict, path: str = "the lowered model") -> dict:
+  """The checks of `load` after reading (see there) on a manifest and its stored tensors `raw`
+  (as `lower` returns them: weights of 4 bits or fewer packed); returns the tensors as the
+  executor takes them ({name: unpacked int32 array}). `path` names the model in errors."""
 
   def need(op, field, cond, what):
     if not cond:
@@ -668,7 +693,7 @@ def load(model_dir: str) -> tuple[dict, dict]:
   need(last, "scale", len(last["scale"]) in (1, manifest["num_classes"]),
        f"must have 1 or num_classes = {manifest['num_classes']} entries, not {len(last['scale'])}")
   _check_shapes(manifest, tensors, need)
-  return manifest, tensors
+  return tensors
 
 
 def _check_shapes(manifest: dict, tensors: dict, need) -> None:

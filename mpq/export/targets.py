@@ -121,6 +121,20 @@ def get(name: str) -> Target:
   return TARGETS[name]
 
 
+def emulation_names() -> tuple[str, ...]:
+  """Every kernel family some target's executor emulation reproduces, in registry order."""
+  return tuple(n for t in TARGETS.values() for n in t.emulations)
+
+
+def for_emulation(name: str) -> Target:
+  """The target whose files kernel family `name` runs (e.g. `litert-ruy` -> tflite)."""
+  for t in TARGETS.values():
+    if name in t.emulations:
+      return t
+  from mpq.errors import UserError  # pylint: disable=g-import-not-at-top
+  raise UserError(f"unknown kernel family {name!r}; use one of {', '.join(emulation_names())}")
+
+
 def fixed_point(pairs, shape) -> dict:
   """{"multiplier", "shift"} int32 tensors of shape `shape` from (M0, shift) pairs."""
   return {"multiplier": np.asarray([p[0] for p in pairs], np.int32).reshape(shape),

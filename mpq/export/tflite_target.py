@@ -83,7 +83,10 @@ def requantizer(acc, s_out: float, out_max: float, out: dict | None = None,
   of two float32 values is exact in double; ADD's `2 max(s_a, s_b) / 2^20`)."""
   from mpq import ops  # pylint: disable=g-import-not-at-top
   from mpq.export.targets import fixed_point  # pylint: disable=g-import-not-at-top
-  del out_max, out
+  del out_max
+  if out is not None and storage_offset(*out["clamp"]) is None:
+    raise ValueError(f"its output grid {list(out['clamp'])} does not fit int8 storage; the tflite "
+                     "target takes activations of at most 8 bits")
   producer = acc.producer or {}
   kind = ops.ir_op(producer["op"]).tflite_op(producer) if "op" in producer else None
   if kind is None:
@@ -102,6 +105,9 @@ def weight_layout(g_w: dict, w_int, bias, options: dict):
   shift, which is where LiteRT's fixed-point kernels round twice (`SRDHM`, then a rounding shift):
   an intermediate rounded at `2^-(r+k)` of the output LSB instead of `2^-r`. On the tiny cnn at
   W2A2 this took litert-ref's accuracy from 58.7% to 70.3% (fake quant: 68.8%); see the README."""
+  if g_w["bits"] > 8:
+    raise ValueError(f"weights of {g_w['bits']} bits do not fit int8; the tflite target takes at "
+                     "most 8-bit weights")
   if options.get("weights", "compact") != "exact" or g_w["bits"] >= 8:
     return g_w, w_int, bias
   lo, hi = int(w_int.min(initial=0)), int(w_int.max(initial=0))

@@ -59,7 +59,7 @@ class Linear(OpKind):
     layer, name = lw.quantized_layer(node), node.name
     t_in, g_in = lw.to_grid(node.inputs[0], layer.aq, name)
     w, b = self.weights(layer)
-    g_w, w_int, bias = lw.integer_weights(layer, w, b)
+    g_w, w_int, bias = lw.integer_weights(layer, w, b, name)
     extra = {k: g_w[k] for k in ("w_bits_trained", "weight_shift") if k in g_w}
     if np.any(np.abs(bias) > 2 ** 31 - 1):
       lw.fail(f"layer {name!r}: bias does not fit int32 at scale s_in * s_w")

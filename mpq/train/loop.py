@@ -161,10 +161,12 @@ class _Stop:
 
 
 def fit(config, workdir: str, data, mesh, graphdef, state: TrainState, tx, total: int,
-        per_epoch: int, *, hook: Hook = Hook(), teacher=None, progress=None):
+        per_epoch: int, *, hook: Hook = Hook(), teacher=None, progress=None, evaluator=None):
   """Trains `state` from its step to `total`: checkpoints (latest and best) and metrics in
   `workdir`, evaluation every `eval_every` steps. `teacher`: `(graphdef, (params, rest))` for
-  knowledge distillation. Returns (final evaluation, final state)."""
+  knowledge distillation. `evaluator(state)`: the evaluation ({"loss", "accuracy", ...}) in place
+  of the model's own forward on the test split (`config.quant.target`: the model as a kernel
+  family computes it). Returns (final evaluation, final state)."""
   eval_every = config.eval_every or per_epoch
   ckpt_every = config.checkpoint_every or per_epoch
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
@@ -182,7 +184,10 @@ def fit(config, workdir: str, data, mesh, graphdef, state: TrainState, tx, total
   train_step = jax.jit(make_train_step(graphdef, tx, config.label_smoothing, damp, teacher_graphdef,
                                        qc.distill_weight, qc.distill_temperature, hook.penalty),
                        donate_argnums=(0,), out_shardings=(rep, rep))
-  eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
+  if evaluator is None:
+    eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
+    evaluator = lambda st: evaluate(eval_step, st.params, st.rest, data, config.eval_batch_size,
+                                    mesh)
 
   start = int(state.step)
   ds = data_lib.train_dataset(data, config.batch_size, config.seed, total, config.augment,
@@ -204,7 +209,7 @@ def fit(config, workdir: str, data, mesh, graphdef, state: TrainState, tx, total
         pending = _flush(pending, writer, workdir, checkpointer)
       writer.advance(step)
       if do_eval:
-        result = evaluate(eval_step, state.params, state.rest, data, config.eval_batch_size, mesh)
+        result = evaluator(state)
         writer.write(step, "test", {"loss": result["loss"], "accuracy": result["accuracy"]})
       if do_ckpt:
         is_best = do_eval and result["accuracy"] > best_acc
@@ -223,7 +228,7 @@ def fit(config, workdir: str, data, mesh, graphdef, state: TrainState, tx, total
         interrupted = Interrupted(signum, step)
         break
     if result is None and interrupted is None:  # resumed at the end: evaluate what is there
-      result = evaluate(eval_step, state.params, state.rest, data, config.eval_batch_size, mesh)
+      result = evaluator(state)
   finally:
     stop.__exit__()
     checkpointer.wait()
