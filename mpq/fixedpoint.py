@@ -152,17 +152,36 @@ def multiply_by_quantized_multiplier_single_away(x, multiplier, shift):
   for `M0 >= 0` and `shift` in [-31, 30] (LiteRT's reference FULLY_CONNECTED, `litert-ref`;
   `mpq.export.litert_rules`). The 64-bit product `|x| M0` is formed from 16-bit halves, so this
   runs in 32-bit types; a result beyond int32 wraps as the C code's cast does."""
+  return _single_rounding(x, multiplier, shift, ties_up=False)
+
+
+def multiply_by_quantized_multiplier_exact(x, multiplier, shift):
+  """One rounding, ties toward +inf: `floor(x M0 / 2^(31-shift) + 1/2)` exactly, for `M0 >= 0`
+  and `shift` in [-31, 30] (mpq's own requantization, rule `exact`: the half-up rounding of the
+  fake-quant model, of the exact product, with no second rounding). Computed as
+  `multiply_by_quantized_multiplier_single_away` does (a 64-bit product from 16-bit halves), with
+  `2^(30-shift) - 1` added to the magnitude of a negative product instead of `2^(30-shift)`."""
+  return _single_rounding(x, multiplier, shift, ties_up=True)
+
+
+def _single_rounding(x, multiplier, shift, ties_up: bool):
+  """`sign(x) floor((|x| M0 + c) / 2^(31-shift))`, `c = 2^(30-shift)`, less 1 for negative `x`
+  when `ties_up` (then `-floor((A + c - 1) / 2^n) = floor((-A + c) / 2^n)`: ties toward +inf)."""
   x = jnp.asarray(x, jnp.int32)
   total = 31 - jnp.asarray(shift, jnp.int32)  # 1..62
   neg = x < 0
   ua = jnp.where(neg, jnp.uint32(0) - _u32(x), _u32(x))
   hi, lo = _wide_mul(ua, _u32(jnp.asarray(multiplier, jnp.int32)))
-  # add 2^(total - 1) to hi:lo
+  # add 2^(total - 1) (less 1 for a negative x when ties_up) to hi:lo
   in_lo = total - 1 < 32
   add_lo = jnp.where(in_lo, jnp.left_shift(jnp.uint32(1), _u32(jnp.minimum(total - 1, 31))),
                      jnp.uint32(0))
   add_hi = jnp.where(in_lo, jnp.uint32(0),
                      jnp.left_shift(jnp.uint32(1), _u32(jnp.clip(total - 33, 0, 31))))
+  if ties_up:  # the addend minus 1: a borrow from add_hi when add_lo is 0
+    borrow = neg & (add_lo == 0)
+    add_hi = add_hi - borrow.astype(jnp.uint32)
+    add_lo = add_lo - neg.astype(jnp.uint32)
   lo2 = lo + add_lo
   hi2 = hi + add_hi + (lo2 < lo).astype(jnp.uint32)
   # (hi2:lo2) >> total, total in [1, 62]

@@ -3,6 +3,8 @@ in int32 (and float32 where the family computes in float32), checked against Lit
 Runtime themselves on FULLY_CONNECTED / QLinearMatMul, and against the int64 NumPy transcriptions
 that `tests/test_litert_rules.py` verifies against LiteRT, on random and exact-tie accumulators."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -164,10 +166,11 @@ def test_rules_differ_where_the_runtimes_do():
   m0, shift = 1 << 30, -3  # M = 2^-4: x = 8 (mod 16) is a tie
   x = np.asarray([[8], [-8], [24], [-24]], np.int64)
   out = {r: _run_rule(r, x, {"multiplier": [m0], "shift": [shift]})[:, 0].tolist()
-         for r in ("double", "double_up", "single_away")}
+         for r in ("double", "double_up", "single_away", "exact")}
   out["float32_even"] = _run_rule("float32_even", x, {"scale": [2.0 ** -4]})[:, 0].tolist()
   assert out == {"double": [1, -1, 2, -2], "double_up": [1, 0, 2, -1],
-                 "single_away": [1, -1, 2, -2], "float32_even": [0, 0, 2, -2]}
+                 "single_away": [1, -1, 2, -2], "exact": [1, 0, 2, -1],
+                 "float32_even": [0, 0, 2, -2]}
 
 
 def _need(op, field, ok, what):
@@ -251,3 +254,31 @@ def test_xnnpack_add_and_quantize_rules_equal_litert_auto(op):
       elif op == "ADD" and ratio > 1:
         assert np.any(got != want), (op, ratio)  # the builtin kernel rounds otherwise
   assert compared >= 12 * 4096
+
+
+def test_exact_rule_is_one_half_up_rounding_of_the_exact_product():
+  """Rule `exact` (the mpq target's) against exact rational arithmetic: floor(x M0 2^(shift-31)
+  + 1/2) for random accumulators, exact ties of both signs and the int32 edges, every shift."""
+  from fractions import Fraction
+  rng = np.random.default_rng(5)
+  for shift in (-31, -25, -17, -12, -5, -1, 0, 3, 12):
+    for m0 in (1 << 30, (1 << 31) - 1, int(rng.integers(1 << 30, 1 << 31)), 2995975, 1):
+      n = 31 - shift
+      lim = min(2 ** 31 - 1, (2 ** 31 - 1) * 2 ** n // m0)  # results within int32
+      x = rng.integers(-lim, lim, 600, endpoint=True)
+      x = np.concatenate([x, [0, 1, -1, lim, -lim]])
+      if m0 == 1 << 30 and n <= 32:  # x M = k + 1/2 exactly: ties of either sign
+        x = np.concatenate([x, [2 ** (n - 31) * (2 * k + 1) for k in (-3, -1, 0, 2)]])
+      x = x.astype(np.int64)
+      got = _run_rule("exact", x[:, None], {"multiplier": [m0], "shift": [shift]})[:, 0]
+      want = [math.floor(Fraction(int(v) * m0, 2 ** n) + Fraction(1, 2)) for v in x]
+      np.testing.assert_array_equal(got, want, err_msg=f"{m0} {shift}")
+
+
+def test_exact_rule_has_no_double_rounding():
+  """x m = 41035 * 2^-31 * 1178939956 * 2^-12 = 5.49992 (a trained layer's channel): TFLite's
+  normalised double rounding gives 6 (its first rounding lands on 5.5), `exact` gives 5."""
+  x = np.asarray([[41035], [-41035]], np.int64)
+  f = {"multiplier": [1178939956], "shift": [-12]}
+  assert _run_rule("double", x, f)[:, 0].tolist() == [6, -6]
+  assert _run_rule("exact", x, f)[:, 0].tolist() == [5, -5]

@@ -16,7 +16,8 @@ and each op kind lowers itself (`mpq.ops`) to these integer IR ops:
                shift_c) + z_out, clamped to [lo, hi] (M_c = s_acc,c / s_out per channel); a ReLU
                before that grid is this clamp (lo = z_out), ReLU6 clamps hi at round(6 / s_out) + z_out.
                An optional `rule` names another kernel family's arithmetic
-               (`mpq.ops.io.REQUANT_RULES`: `double`, the default above; `double_up`, LiteRT's
+               (`mpq.ops.io.REQUANT_RULES`: `double`, the default above; `exact`, one rounding
+               of the exact product, half up (the mpq target's); `double_up`, LiteRT's
                optimized kernels; `single_away`, LiteRT's reference FULLY_CONNECTED;
                `float32_even`, XNNPACK and ONNX Runtime, with a float32 `scale` tensor instead of
                M0 and shift), each tested against its runtime
@@ -28,11 +29,14 @@ and each op kind lowers itself (`mpq.ops`) to these integer IR ops:
                next multiplier
   dequantize   the last layer's accumulator to float logits: acc * s_in * s_w,c
 
-Rounding is half up everywhere (`mpq.rounding.half_up`, the `mpq` target's rule), and multipliers
-are chosen by `mpq.fixedpoint.requant_multiplier`, which avoids TFLite's double rounding where that is more
-precise; evaluation of the fake-quant model sums on the integers with the same int32 bias
+Rounding is half up everywhere (`mpq.rounding.half_up`, the `mpq` target's rule): requantization
+takes rule `exact`, one rounding of the exact 64-bit product `acc M0 / 2^(31 - shift)` with TFLite's
+normalised 31-bit multiplier (manifests written before it name no rule: TFLite's double rounding,
+which can round values within `2^-(r+1)` of a tie the wrong way at right shift `r`); evaluation of
+the fake-quant model sums on the integers with the same int32 bias
 (`mpq.quant.layers.integer_form`). Together these make the integer model reproduce the fake-quant
-model bit for bit on dense/conv/ReLU/max-pool graphs (tested); additions and average pooling agree
+model bit for bit on dense/conv/ReLU/max-pool graphs except where the fake-quant model's float32
+value lies within float32 error of a rounding tie (tested); additions and average pooling agree
 up to float rounding of values that lie within ~1e-7 of a rounding boundary.
 
 Weights are per-output-channel symmetric integers (BatchNorm folded); weights of 4 bits or fewer

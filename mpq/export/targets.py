@@ -36,9 +36,10 @@ A target (`Target`, registered in `TARGETS` by name) owns
   storage_offset(lo, hi)              what the file adds to the integers of a grid tensor whose
                                       values lie in [lo, hi] (its storage type's range), or None
                                       where [lo, hi] does not fit it
-Entries: mpq's own format, `mpq` (`mpq-int` manifest + weights.npz, half up everywhere,
-`requant_multiplier`: the more faithful of TFLite's normalised double-rounding form and a
-single-rounding form), whose rules the executor's kernels implement; and `tflite`
+Entries: mpq's own format, `mpq` (`mpq-int` manifest + weights.npz, half up everywhere:
+requantization by rule `exact`, one rounding of the 64-bit product with TFLite's normalised
+multiplier; manifests written before it name no rule and keep TFLite's double rounding with
+`requant_multiplier`'s choice of form), whose rules the executor's kernels implement; and `tflite`
 (`mpq.export.tflite_target`: a .tflite file plus the mpq manifest of the same integer model, with
 LiteRT's multipliers and rules, which the executor then emulates). "Bit-exact with runtime X" is a
 property of one entry and its tests against X.
@@ -53,7 +54,7 @@ from typing import Callable
 
 import numpy as np
 
-from mpq.fixedpoint import requant_multiplier
+from mpq.fixedpoint import quantize_multiplier, requant_multiplier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +143,13 @@ def fixed_point(pairs, shape) -> dict:
 
 
 def _mpq_requantizer(acc, s_out: float, out_max: float, out: dict):
-  """mpq's rule (the default, `double`) with `requant_multiplier(s_acc / s_out)` per channel."""
-  del out
-  pairs = [requant_multiplier(m, out_max) for m in np.ravel(acc.scale / s_out)]
-  return None, fixed_point(pairs, np.shape(acc.scale))
+  """mpq's rule `exact` (one rounding of the exact product, half up) with TFLite's normalised
+  multiplier `quantize_multiplier(s_acc / s_out)` per channel: 31 significant bits, so the
+  integer model rounds `acc s_acc / s_out` as the fake-quant model does except within about
+  `2^-31` of a tie."""
+  del out, out_max
+  pairs = [quantize_multiplier(float(m)) for m in np.ravel(acc.scale / s_out)]
+  return "exact", fixed_point(pairs, np.shape(acc.scale))
 
 
 register(Target("mpq", write_mpq, ("manifest.json", "weights.npz"), requant_multiplier,

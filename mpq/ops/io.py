@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpq.fixedpoint import (multiply_by_float32_even, multiply_by_quantized_multiplier,
+                            multiply_by_quantized_multiplier_exact,
                             multiply_by_quantized_multiplier_single_away,
                             multiply_by_quantized_multiplier_up)
 from mpq.ops.registry import IROp, register
@@ -120,6 +121,11 @@ REQUANT_RULES = {r.name: r for r in (
                 _fixed_point_check(-31, 30), _nonneg_no_left_shift),
     # LiteRT's reference FULLY_CONNECTED: one rounding of x M0 / 2^(31 - shift), ties away from 0
     RequantRule("single_away", _FIXED, lambda x, m0, sh: multiply_by_quantized_multiplier_single_away(
+        x, jnp.asarray(m0, jnp.int32), jnp.asarray(sh, jnp.int32)),
+                _fixed_point_check(-31, 30), _nonneg_no_left_shift),
+    # mpq's own format: one rounding of the exact product x M0 / 2^(31 - shift), ties toward +inf
+    # (the fake-quant model's half up; no double rounding at large right shifts)
+    RequantRule("exact", _FIXED, lambda x, m0, sh: multiply_by_quantized_multiplier_exact(
         x, jnp.asarray(m0, jnp.int32), jnp.asarray(sh, jnp.int32)),
                 _fixed_point_check(-31, 30), _nonneg_no_left_shift),
     # XNNPACK (LiteRT auto) and ONNX Runtime's QLinear ops: rint_half_even(f32(x) * scale), scale
