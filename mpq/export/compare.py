@@ -62,14 +62,16 @@ def compare(model, manifest: dict, tensors: dict, images) -> list[dict]:
 
 def _fixed_point_band(manifest: dict, tensors: dict, tensor: str, v: np.ndarray) -> np.ndarray:
   """Per element of `v` (the grid values of `tensor`, channels last or flattened H, W, C), the
-  error bound in output LSBs of the fixed-point requantization (mpq's default rule) that produced
-  `tensor`, followed through max pooling: `2^(shift-1)` where `shift < 0` (two roundings) plus
-  `|v| 2^-32 / m` with `m = M0 2^(shift-31)`; 0 where another op produced it."""
+  error bound in output LSBs of a double-rounding requantization (rule `double`, the default of a
+  manifest that names none, or `double_up`) that produced `tensor`, followed through max pooling:
+  `2^(shift-1)` where `shift < 0` (two roundings) plus `|v| 2^-32 / m` with `m = M0 2^(shift-31)`;
+  0 where another op or rule produced it (the single-rounding rules' error is within float32's)."""
   producer = {op["output"]: op for op in manifest["ops"]}
   op = producer.get(tensor)
   while op is not None and op["op"] == "max_pool":
     op = producer.get(op["input"])
-  if op is None or op["op"] != "requantize" or op.get("rule") or "shift" not in op:
+  if (op is None or op["op"] != "requantize"
+      or op.get("rule", "double") not in ("double", "double_up")):
     return np.zeros_like(v)
   m0 = np.ravel(np.asarray(tensors[op["multiplier"]], np.float64))
   shift = np.ravel(np.asarray(tensors[op["shift"]], np.float64))
