@@ -281,3 +281,22 @@ def test_resnet20_runs_in_litert_as_mpq_emulates_it(resnet_export, family):
   assert int(np.sum(got != want)) == 0, f"{family}: {np.sum(got != want)} outputs differ"
 
 
+
+
+def test_resnet20_float_twin_is_written_and_runs_whole_in_xnnpack(resnet_export):
+  """The float twin of a model with residual ADDs, QUANTIZE int8 -> int8 and MEAN (the deploy
+  benchmark's resnet20 rows): the writer skips the int8 storage checks of MEAN and ADD (a float
+  tensor stores no integers), drops the QUANTIZE and MAXIMUM ops, and XNNPACK takes every op."""
+  _, _, manifest, tensors = resnet_export
+  twin = tflite_target.to_float_tflite(manifest, tensors)
+  taken, left = tb.delegated_ops(twin, "litert-auto")
+  assert left == [], left
+  assert taken.count("ADD") == 9 and "MEAN" in taken, taken
+  assert "QUANTIZE" not in taken and "MAXIMUM" not in taken, taken
+  interp = tb.interpreter(twin, "litert-auto")
+  assert all(t["dtype"] in (np.float32, np.int32) for t in interp.get_tensor_details())
+  images = np.asarray(_pixels(64)["image"], np.float32)
+  interp.resize_tensor_input(interp.get_input_details()[0]["index"], list(images.shape))
+  interp.allocate_tensors()
+  (got,) = tb.invoke(interp, [images])
+  assert got.shape == (64, 10) and np.all(np.isfinite(got))
