@@ -248,6 +248,119 @@ def case_fully_connected(rng, regime, n_out, wdtype="int4"):
               dict(k=k, cout=cout, s_in=s_in, s_out=s_out), taken)
 
 
+# -- 16x8 mode: int16 activations (zero point 0), int8 weights, int64 bias ----------------------------
+def _int16(rng, shape, r=32767):
+  return rng.integers(-r, r + 1, shape).astype(np.int16)
+
+
+def case_linear_16x8(rng, regime, n_out, op="FULLY_CONNECTED"):
+  """FULLY_CONNECTED, CONV_2D (3x3 SAME) or DEPTHWISE_CONV_2D (3x3 SAME) with int16 input and
+  output, per-channel int8 weights and an int64 bias; fused NONE or RELU."""
+  act = str(rng.choice(["NONE", "RELU"]))
+  s_in = float(2.0 ** -rng.integers(8, 14)) if regime == "ties" else _log_uniform(rng, 1e-4, 1e-2)
+  if op == "FULLY_CONNECTED":
+    k, cout = int(rng.integers(8, 400)), int(rng.integers(4, 40))
+    bsz = max(1, n_out // cout)
+    x = _int16(rng, (bsz, k))
+    w = rng.integers(-127, 128, (cout, k))
+    acc_fn = lambda b: x.astype(np.int64) @ w.T + b  # noqa: E731
+    shapes, wshape, qdim = ([bsz, k], [bsz, cout]), [cout, k], 0
+    opts = lambda b: b.options("FullyConnectedOptions", fusedActivationFunction=act)  # noqa: E731
+  else:
+    depthwise = op == "DEPTHWISE_CONV_2D"
+    h, wd, cin = int(rng.integers(3, 12)), int(rng.integers(3, 12)), int(rng.integers(1, 24))
+    cout = cin if depthwise else int(rng.integers(1, 24))
+    bsz = max(1, n_out // (h * wd * cout))
+    x = _int16(rng, (bsz, h, wd, cin))
+    wshape = [1, 3, 3, cout] if depthwise else [cout, 3, 3, cin]
+    w = rng.integers(-127, 128, wshape)
+    qdim = 3 if depthwise else 0
+
+    def acc_fn(b):
+      xp = np.pad(x.astype(np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+      acc = np.zeros((bsz, h, wd, cout), np.int64)
+      for i in range(3):
+        for j in range(3):
+          patch = xp[:, i:i + h, j:j + wd, :]
+          acc += patch * w[0, i, j, :] if depthwise else patch @ w[:, i, j, :].T
+      return acc + b
+    shapes = ([bsz, h, wd, cin], [bsz, h, wd, cout])
+    opts = (lambda b: b.options("DepthwiseConv2DOptions", padding="SAME", strideW=1, strideH=1,  # noqa: E731
+                                depthMultiplier=1, fusedActivationFunction=act)) if depthwise else \
+           (lambda b: b.options("Conv2DOptions", padding="SAME", strideW=1, strideH=1,  # noqa: E731
+                                fusedActivationFunction=act))
+  s_w = _weight_scales(rng, regime, s_in, cout)
+  bias = rng.integers(-10 ** 6, 10 ** 6, cout)
+  acc = acc_fn(bias)
+  spread = float(np.std(acc * (s_in * s_w.astype(np.float64)))) + 1e-12
+  s_out = float(np.float32(spread / 8000 if regime != "ties" else 2.0 ** np.round(np.log2(spread / 8000))))
+  model = _single_op(op, [("x", shapes[0], "int16", dict(scale=s_in, zero_point=0))],
+                     ("y", shapes[1], "int16", dict(scale=s_out, zero_point=0)),
+                     consts=[("w", wshape, "int8", dict(data=w, scale=s_w, zero_point=0,
+                                                        quantized_dimension=qdim)),
+                             ("b", [cout], "int64", dict(data=bias, scale=np.float32(s_in) * s_w,
+                                                         zero_point=0))],
+                     options=opts)
+  exp = R.linear_16x8(acc, s_in, s_w, s_out, reduced=op != "FULLY_CONNECTED",
+                      act_range=(0, 32767) if act == "RELU" else R.I16)
+  return Case(f"{op}/16x8", act, regime, model, [x], _all("linear_16x8", exp),
+              dict(s_in=s_in, s_out=s_out, cout=cout), False)
+
+
+def case_quantize_16(rng, regime, n):
+  """QUANTIZE int8 -> int16, int16 -> int8 or int16 -> int16 (int16 zero points 0): a rescale, or
+  (`same`) equal scales, the exact conversions of the 16x8 exports."""
+  src, dst = [("int8", "int16"), ("int16", "int8"), ("int16", "int16")][int(rng.integers(0, 3))]
+  s_in, s_out = _scale_pair(rng, regime)
+  z_in = int(rng.integers(-128, 128)) if src == "int8" else 0
+  z_out = int(rng.integers(-128, 128)) if dst == "int8" else 0
+  q = _int8(rng, (1, n)) if src == "int8" else _int16(rng, (1, n), 300 if dst == "int8" else 32767)
+  model = _single_op("QUANTIZE", [("x", [1, n], src, dict(scale=s_in, zero_point=z_in))],
+                     ("y", [1, n], dst, dict(scale=s_out, zero_point=z_out)))
+  exp = R.requantize(q, z_in, s_in, z_out, s_out, R.I8 if dst == "int8" else R.I16)
+  return Case("QUANTIZE/16x8", f"{src}->{dst}", regime, model, [q], _all("requantize", exp),
+              dict(s_in=s_in, s_out=s_out, z_in=z_in, z_out=z_out), False)
+
+
+def case_mean_16(rng, regime, n_out):
+  """MEAN over axes [1, 2] (keep_dims) of an int16 tensor on one grid."""
+  h, w = ([int(2 ** rng.integers(0, 4)) for _ in range(2)] if regime == "ties" else
+          [int(rng.integers(1, 15)) for _ in range(2)])
+  c = int(rng.integers(1, 70))
+  bsz = max(1, n_out // c)
+  s = _log_uniform(rng, 1e-4, 1e-1)
+  q = _int16(rng, (bsz, h, w, c))
+  model = _single_op("MEAN", [("x", [bsz, h, w, c], "int16", dict(scale=s, zero_point=0))],
+                     ("y", [bsz, 1, 1, c], "int16", dict(scale=s, zero_point=0)),
+                     consts=[("axes", [2], "int32", dict(data=np.array([1, 2])))],
+                     options=lambda b: b.options("ReducerOptions", keepDims=True))
+  exp = R.mean_reference(q, (1, 2), 0, s, 0, s, R.I16).reshape(bsz, 1, 1, c)
+  return Case("MEAN/16x8", "axes12_keep1", regime, model, [q], _all("mean_reference", exp),
+              dict(s=s, hw=[h, w]), False)
+
+
+def case_add_16(rng, regime, n):
+  """ADD of two int16 tensors (zero points 0) whose scales are not all powers of two (`ties`:
+  power-of-two input scales, an output scale of 3 2^-k)."""
+  if regime == "ties":
+    s_a, s_b = (float(2.0 ** -rng.integers(6, 14)) for _ in range(2))
+    s_out = float(3 * 2.0 ** -rng.integers(5, 12))
+  else:
+    s_a, s_b = (_log_uniform(rng, 1e-4, 1e-1) for _ in range(2))
+    s_out = float(np.float32((s_a + s_b) * 10 ** rng.uniform(-0.3, 0.5)))
+  r = int(rng.choice([100, 1000, 32767]))
+  a, b = _int16(rng, (1, n), r), _int16(rng, (1, n), r)
+  model = _single_op("ADD", [("a", [1, n], "int16", dict(scale=s_a, zero_point=0)),
+                             ("b", [1, n], "int16", dict(scale=s_b, zero_point=0))],
+                     ("y", [1, n], "int16", dict(scale=s_out, zero_point=0)),
+                     options=lambda bb: bb.options("AddOptions", fusedActivationFunction="NONE"))
+  ref = R.add_16x8(a, b, s_a, s_b, s_out, vector=False).reshape(1, n)
+  vec = ("add_16x8 (vector)", R.add_16x8(a, b, s_a, s_b, s_out, vector=True).reshape(1, n))
+  return Case("ADD/16x8", "general", regime, model, [a, b],
+              {"litert-ref": ("add_16x8", ref), "litert-ruy": vec, "litert-auto": vec},
+              dict(s_a=s_a, s_b=s_b, s_out=s_out), False)
+
+
 CASES: dict[str, Callable] = {
     "QUANTIZE": case_quantize,
     "MEAN/keep": lambda rng, regime, n: case_mean(rng, regime, n, keep_dims=True),
@@ -259,8 +372,16 @@ CASES: dict[str, Callable] = {
     "FC/int8": lambda rng, regime, n: case_fully_connected(rng, regime, n, "int8"),
     "FC/int4": lambda rng, regime, n: case_fully_connected(rng, regime, n, "int4"),
     "FC/int2": lambda rng, regime, n: case_fully_connected(rng, regime, n, "int2"),
+    "FC/16x8": lambda rng, regime, n: case_linear_16x8(rng, regime, n, "FULLY_CONNECTED"),
+    "CONV_2D/16x8": lambda rng, regime, n: case_linear_16x8(rng, regime, n, "CONV_2D"),
+    "DEPTHWISE_CONV_2D/16x8": lambda rng, regime, n: case_linear_16x8(rng, regime, n,
+                                                                       "DEPTHWISE_CONV_2D"),
+    "QUANTIZE/16x8": case_quantize_16,
+    "MEAN/16x8": case_mean_16,
+    "ADD/16x8": case_add_16,
 }
-REGIMES = {"QUANTIZE": ("random", "ties", "same"), "MEAN/keep": ("random", "ties", "same"),
+REGIMES = {"QUANTIZE": ("random", "ties", "same"), "QUANTIZE/16x8": ("random", "ties", "same"),
+           "MEAN/keep": ("random", "ties", "same"),
            "MEAN/nokeep": ("random", "ties", "same")}
 DEFAULT_REGIMES = ("random", "ties")
 

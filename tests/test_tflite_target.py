@@ -14,6 +14,7 @@ from conftest import (TINY_CASES, calibrated_model, calibration_images, run_cli,
 from mpq import data as data_lib, export
 from mpq.export import tflite_builder as tb, tflite_target
 from mpq.export.evaluate import executor_outputs
+from mpq.export import exporter
 from mpq.export.exporter import ExportError
 
 NUM_IMAGES = 512
@@ -156,9 +157,11 @@ def test_exact_weights_make_litert_equal_the_fake_quant_model(exported):
 
 
 def test_what_tflite_cannot_express_is_refused_with_one_line(tmp_path):
-  """Activations over 8 bits do not fit int8 storage: an export error naming the op; nothing is
-  written. Grids of 2-8 bits all fit: a signed one below 8 bits is the kernel's output (fused NONE,
-  its top at int8's top) and a MAXIMUM with its bottom; an unsigned one a fused RELU."""
+  """A 16-bit unsigned activation grid fits neither int8 nor int16 with zero point 0 (TFLite's
+  16x8 mode): an export error naming the op; nothing is written; likewise weights over 8 bits.
+  Grids of 2-8 bits all fit int8: a signed one below 8 bits is the kernel's output (fused NONE,
+  its top at int8's top) and a MAXIMUM with its bottom; an unsigned one a fused RELU. An int16
+  grid below 16 bits is clamped by the kernel's RELU or a MAXIMUM, and a MINIMUM with its top."""
   import ml_collections
   from configs import tiny
   from mpq.export.tflite_builder import TFLiteBuilder
@@ -166,12 +169,12 @@ def test_what_tflite_cannot_express_is_refused_with_one_line(tmp_path):
   c = tiny.get_config()  # uncalibrated: the refusal comes before any number matters
   c.model, c.model_kwargs = "cnn", ml_collections.ConfigDict({"width": 0.25})
   c.quant.enabled, c.quant.w_bits, c.quant.a_bits = True, 8, 8
-  c.quant.rules = (("conv2", {"a_bits": 12}),)
+  c.quant.rules = (("conv2", {"a_bits": 16}),)
   shape = (28, 28, 1)
   model, _ = quant_model.build(c, 10, shape)
   out = tmp_path / "tfl"
-  with pytest.raises(ExportError, match=r"layer 'conv1': its output grid \[0, 4095\] does not "
-                     "fit int8 storage; the tflite target takes activations of at most 8 bits"):
+  with pytest.raises(ExportError, match=r"layer 'conv1': its output grid \[0, 65535\] \(zero "
+                     r"point 0\) fits neither int8 nor int16 storage \(TFLite's 16x8 mode"):
     export.export(model, shape, str(out), target="tflite", calibration=_pixels(64)["image"])
   assert not out.exists()
   c.quant.rules = (("conv2", {"w_bits": 12}),)
@@ -184,12 +187,34 @@ def test_what_tflite_cannot_express_is_refused_with_one_line(tmp_path):
        "bits": 4, "output_scale": 0.5}
   w = tflite_target.Writer(TFLiteBuilder(), {"ops": []}, {}, {"t": (1, 4)})
   raw, act = w.fused_output(r)
-  assert act == "NONE" and w.offsets["t"] == 120 and w.pending["t"][2] == -8 + 120
+  assert act == "NONE" and w.offsets["t"] == 120 and w.pending["t"][2] == [("MAXIMUM", -8 + 120)]
   w.finish_output("t")
   assert not w.pending
   w = tflite_target.Writer(TFLiteBuilder(), {"ops": []}, {}, {"t": (1, 4)})
   assert w.fused_output(dict(r, clamp=[0, 7]))[1] == "RELU"  # a 3-bit grid after a ReLU
   assert w.offsets["t"] == 120 and not w.pending
+  w = tflite_target.Writer(TFLiteBuilder(), {"ops": []}, {}, {"t": (1, 4)})
+  r12 = dict(r, clamp=[-2048, 2047], bits=12)  # a signed 12-bit grid: int16, offset 0
+  assert w.fused_output(r12, wide=True)[1] == "NONE" and w.dtypes["t"] == "int16"
+  assert w.offsets["t"] == 0 and w.pending["t"][2] == [("MAXIMUM", -2048), ("MINIMUM", 2047)]
+  w = tflite_target.Writer(TFLiteBuilder(), {"ops": []}, {}, {"t": (1, 4)})
+  # a 16x8 kernel onto an unsigned 7-bit grid: int16 with a RELU, then QUANTIZE to int8 (whose
+  # saturation at 127 is the grid's top); onto an unsigned 8-bit one the saturation at -128 is
+  # the bottom too
+  assert w.fused_output(dict(r, clamp=[0, 127], bits=7), wide=True)[1] == "RELU"
+  assert w.dtypes["t"] == "int8" and w.pending["t"][2] == [("QUANTIZE", None)]
+  w = tflite_target.Writer(TFLiteBuilder(), {"ops": []}, {}, {"t": (1, 4)})
+  assert w.fused_output(dict(r, clamp=[0, 255], bits=8), wide=True)[1] == "NONE"
+  assert w.offsets["t"] == -128 and w.pending["t"][2] == [("QUANTIZE", None)]
+  acc = exporter.Acc("s/add", "t", np.asarray([2.0 ** -15]), 1e6,
+                     {"op": "add", "a_bits": [8, 8], "input_scales": [0.1, 0.2]})
+  with pytest.raises(ValueError, match="an addition of 8-bit inputs onto a 12-bit grid: TFLite's "
+                     "int8 ADD outputs int8"):
+    tflite_target.requantizer(acc, 0.01, 100, {"zero_point": 0, "clamp": [0, 4095], "bits": 12})
+  acc = acc._replace(producer={"op": "add", "a_bits": [12, 12], "input_scales": [0.25, 0.5]})
+  with pytest.raises(ValueError, match="an int16 ADD whose input and output scales are all powers "
+                     "of two takes LiteRT's shift-only path"):
+    tflite_target.requantizer(acc, 0.125, 100, {"zero_point": 0, "clamp": [0, 4095], "bits": 12})
 
 
 def test_a_model_without_the_pixel_grid_is_refused(tmp_path):
@@ -300,3 +325,85 @@ def test_resnet20_float_twin_is_written_and_runs_whole_in_xnnpack(resnet_export)
   interp.allocate_tensors()
   (got,) = tb.invoke(interp, [images])
   assert got.shape == (64, 10) and np.all(np.isfinite(got))
+
+
+# TFLite's 16x8 mode (activations of 9-16 bits as int16 with zero point 0, int8 weights, int64
+# bias): a 12-bit cnn, and one whose layers mix 8, 9, 12 and 15-bit inputs and outputs (exact
+# int8 <-> int16 QUANTIZEs around 16x8 kernels; INT4 weights where a conv stays int8).
+WIDE_CASES = {
+    "a12": ("lsq", 8, 12, ()),
+    "mixed16": ("lsq", 8, 8, (("conv2", {"a_bits": 15}), ("conv3", {"w_bits": 4}),
+                              ("fc1", {"a_bits": 12}), ("head", {"a_bits": 9}))),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(WIDE_CASES))
+def wide_export(request, tmp_path_factory):
+  out = tmp_path_factory.mktemp(request.param) / "tfl"
+  model, _, shape = calibrated_model("cnn", {"width": 0.25}, *WIDE_CASES[request.param])
+  export.export(model, shape, str(out), target="tflite", calibration=calibration_images())
+  return out, *export.load(str(out))
+
+
+@pytest.mark.parametrize("family", tflite_target.FAMILIES)
+def test_16x8_exports_run_in_litert_as_mpq_emulates_them(wide_export, family):
+  """Every family runs its builtin 16x8 kernels (XNNPACK takes none), whose rules the manifest
+  records (`tflite_target.REQUANT_RULES`): 0 mismatching int8 logits."""
+  out, manifest, tensors = wide_export
+  data = (out / "model.tflite").read_bytes()
+  interp = tb.interpreter(data, "litert-ref")
+  dtypes = {t["name"]: t["dtype"] for t in interp.get_tensor_details()}
+  assert np.int16 in dtypes.values() and np.int64 in dtypes.values()  # int16 tensors, int64 bias
+  taken, _ = tb.delegated_ops(data, "litert-auto")
+  assert not {"CONV_2D", "FULLY_CONNECTED"} & set(taken), taken
+  assert any(op.get("rule") in ("exact", "single_away") for op in manifest["ops"])
+  images = _pixels()["pixels"]
+  got = tflite_target.run_litert(str(out), family, images)
+  want = executor_outputs(*tflite_target.emulate(manifest, tensors, family), images)
+  assert got.dtype == np.int8
+  assert int(np.sum(got != want)) == 0, f"{family}: {np.sum(got != want)} outputs differ"
+
+
+@pytest.fixture(scope="module")
+def resnet16_export(tmp_path_factory):
+  """resnet20 (width 8) with 10-14-bit residual additions (int16 ADD), convs at 6-14-bit inputs
+  with 4 or 8-bit weights, a 12-bit head (int16 MEAN, FULLY_CONNECTED 16x8)."""
+  import random
+  import ml_collections
+  from configs import tiny
+  from mpq import models
+  from mpq.quant import calibration, model as quant_model
+  rnd = random.Random(1)
+  fm = models.build("resnet20", 10, (28, 28, 1), width=8)
+  c = tiny.get_config()
+  c.model, c.model_kwargs = "resnet20", ml_collections.ConfigDict({"width": 8})
+  c.quant.enabled = True
+  c.quant.rules = tuple(
+      (p, {"w_bits": rnd.choice([4, 8]), "estimator": rnd.choice(["lsq", "ste"]),
+           "a_bits": rnd.choice([10, 12, 14] if l.kind == "add" else [6, 8, 10, 12, 14])})
+      for p, l in models.layer_table(fm).items() if l.kind in ("conv_bn", "add")) + (
+          ("head", {"a_bits": 12}),)
+  model, _ = quant_model.build(c, 10, (28, 28, 1))
+  x = _pixels(256)["image"]
+  calibration.calibrate(model, [x], act_method="percentile", weight_method="max")
+  out = tmp_path_factory.mktemp("resnet16") / "tfl"
+  export.export(model, (28, 28, 1), str(out), target="tflite", calibration=x)
+  return out, *export.load(str(out))
+
+
+@pytest.mark.parametrize("family", tflite_target.FAMILIES)
+def test_resnet20_16x8_runs_in_litert_as_mpq_emulates_it(resnet16_export, family):
+  """int16 ADDs (the optimized kernel's vector rule under litert-ruy / litert-auto), int16 MEAN,
+  QUANTIZE between int16 grids and between int8 and int16, 16x8 convs: 0 mismatches."""
+  out, manifest, tensors = resnet16_export
+  kinds = [op["op"] for op in manifest["ops"]]
+  assert kinds.count("add") == 9 and all(min(op["a_bits"]) > 8 for op in manifest["ops"]
+                                         if op["op"] == "add")
+  assert [op["bits"] for op in manifest["ops"] if op["op"] == "mean"] == [12]
+  images = _pixels()["pixels"]
+  got = tflite_target.run_litert(str(out), family, images)
+  emulated = tflite_target.emulate(manifest, tensors, family)
+  if family != "litert-ref":
+    assert {op.get("rule") for op in emulated[0]["ops"] if op["op"] == "add"} == {"vector16"}
+  want = executor_outputs(*emulated, images)
+  assert int(np.sum(got != want)) == 0, f"{family}: {np.sum(got != want)} outputs differ"

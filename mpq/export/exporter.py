@@ -287,13 +287,16 @@ def check_input(manifest: dict, image_shape, model_dir: str | None = None) -> No
 
 class Acc(NamedTuple):
   """An int32 accumulator: the producing layer's `name`, its IR `tensor`, its real `scale` (per
-  output channel, float64: for float32 scales `s_in s_w` is exact), a bound on its magnitude, and
-  `producer`, the IR op that produced it (a target's rule may depend on it)."""
+  output channel, float64: for float32 scales `s_in s_w` is exact), a bound on its magnitude,
+  `producer`, the IR op that produced it (a target's rule may depend on it), and `peak`, where
+  known, the largest magnitude it reaches over its input grid (a dense/conv layer: `max_c sum_k
+  |w_kc| max|x - z| + |b_c|`), which must fit int32."""
   name: str
   tensor: str
   scale: np.ndarray
   bound: float
   producer: dict | None = None
+  peak: float | None = None
 
 
 class Lowering:
@@ -349,11 +352,17 @@ class Lowering:
     except ValueError as e:
       self.fail(f"layer {name!r}: {e}")
 
-  def accumulator(self, tensor: str, name: str, acc_tensor: str, scale, bound: float) -> None:
+  def accumulator(self, tensor: str, name: str, acc_tensor: str, scale, bound: float,
+                  peak: float | None = None) -> None:
     """Records graph tensor `tensor` as the int32 accumulator `acc_tensor` (produced by the last op
-    emitted) at real `scale` (per channel)."""
+    emitted) at real `scale` (per channel); `peak`: see `Acc`."""
+    if peak is not None and peak > 2 ** 31 - 1:
+      self.fail(f"layer {name!r}: its accumulator can reach {peak:.4g} over its input grid (the "
+                f"largest sum of |weights| of an output times the largest |input - zero point|), "
+                "beyond int32, in which the integer executor accumulates; use fewer input bits "
+                "(a_bits) or fewer weight bits")
     self.producer[tensor] = ("acc", Acc(name, acc_tensor, np.asarray(scale, np.float64), bound,
-                                        self.ops[-1] if self.ops else None))
+                                        self.ops[-1] if self.ops else None, peak))
 
   def transform(self, node) -> None:
     self.producer[node.output] = ("transform", node)
@@ -429,7 +438,8 @@ class Lowering:
     out_max = max(abs(lo - z_out), abs(hi - z_out)) + 1
     try:
       rule, fields = self.target.requantizer(acc, s_out, out_max,
-                                             {"zero_point": z_out, "clamp": [lo, hi]})
+                                             {"zero_point": z_out, "clamp": [lo, hi],
+                                              "bits": g["bits"]})
     except ValueError as e:
       self.fail(f"layer {acc.name!r}: {e}")
     op = {"op": "requantize", "name": key, "input": acc.tensor}
@@ -454,7 +464,7 @@ class Lowering:
     t_out = self.new()
     self.emit({"op": "requantize_grid", "name": f"{tensor}->{consumer}", "input": tensor,
                "output": t_out, "input_scale": src["scale"], "input_zero_point": src["zero_point"],
-               "scale": s_out, "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]})
+               "input_bits": src["bits"], "scale": s_out, "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]})
     self.grids[t_out] = {"scale": s_out, "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]}
     return t_out
 

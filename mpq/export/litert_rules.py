@@ -314,6 +314,66 @@ def xnnpack_takes(op: str, *, weights: str = "int8", k: int | None = None,
   raise ValueError(f"no delegation fact recorded for {op}")
 
 
+# -- 16x8 mode (int16 activations, int8 weights, int64 bias; every family runs builtin kernels) -----------
+I16 = (-32768, 32767)
+
+
+def _wide_single(x, m0, shift, away: bool):
+  """One rounding of the exact product `x M0 / 2^(31-shift)` in exact integer arithmetic (the
+  product exceeds int64 for |x| > 2^32): ties away from zero, or toward +inf."""
+  total = 31 - int(shift)
+  half = 1 << (total - 1)
+  if away:
+    flat = [(1 if v >= 0 else -1) * ((abs(int(v)) * int(m0) + half) >> total) for v in np.ravel(x)]
+  else:
+    flat = [(int(v) * int(m0) + half) >> total for v in np.ravel(x)]
+  return np.asarray(flat, np.int64).reshape(np.shape(x))
+
+
+def mbqm64_away(x, m0, shift):
+  """FULLY_CONNECTED 16x8's requantization of its int64 accumulator: one rounding of `x M0 /
+  2^(31-shift)`, ties away from zero (as the int8 reference FULLY_CONNECTED, `mbqm_single_away`)."""
+  return _wide_single(x, m0, shift, away=True)
+
+
+def mbqm64_reduced(x, m0, shift):
+  """CONV_2D / DEPTHWISE_CONV_2D 16x8's (int64 `MultiplyByQuantizedMultiplier`): a 16-bit
+  multiplier `r = (M0 + 2^15) >> 16` (0x7FFF from M0 >= 0x7FFF0000), then `(x r + 2^(14-shift))
+  >> (15-shift)`: one rounding, ties toward +inf."""
+  r = (int(m0) + (1 << 15)) >> 16 if m0 < 0x7FFF0000 else 0x7FFF
+  return _wide_single(x, r << 16, shift, away=False)
+
+
+def linear_16x8(acc, s_in, s_w, s_out, reduced: bool, act_range=I16):
+  """FULLY_CONNECTED (`reduced=False`) or CONV_2D / DEPTHWISE_CONV_2D (`reduced=True`) 16x8: the
+  int64 accumulator `acc` [..., C] (zero points 0), per-channel `M0, e` of `s_in s_w,c / s_out`."""
+  out = np.empty_like(np.asarray(acc, np.int64))
+  rule = mbqm64_reduced if reduced else mbqm64_away
+  for c in range(out.shape[-1]):
+    m0, e = quantize_multiplier(float(f32(s_in)) * float(f32(s_w[c])) / float(f32(s_out)))
+    out[..., c] = rule(acc[..., c], m0, e)
+  return np.clip(out, *act_range)
+
+
+def add_16x8(a, b, s_a, s_b, s_out, vector: bool, out_range=I16):
+  """ADD of int16 tensors (zero points 0) whose scales are not all powers of two (add.cc's general
+  int16 path): left shift 15, `M_i, e_i` of `s_i / 2 max(s_a, s_b)`, each input `mbqm((q << 15),
+  M_i, e_i)`, the sum `mbqm(., M_o, e_o)` with `M_o, e_o` of `2 max / (2^15 s_out)`
+  (`litert-ref`). `vector` (optimized_ops, `litert-ruy` / `litert-auto`): over the flattened
+  tensor, whole blocks of 16 from the start rescale the inputs by `mbqm_single` instead."""
+  twice = 2 * max(float(f32(s_a)), float(f32(s_b)))
+  m_a, e_a = quantize_multiplier(float(f32(s_a)) / twice)
+  m_b, e_b = quantize_multiplier(float(f32(s_b)) / twice)
+  m_o, e_o = quantize_multiplier(twice / ((1 << 15) * float(f32(s_out))))
+  a = np.asarray(a, np.int64).reshape(-1) << 15
+  b = np.asarray(b, np.int64).reshape(-1) << 15
+  x = mbqm(a, m_a, e_a) + mbqm(b, m_b, e_b)
+  if vector:
+    body = np.arange(a.size) < 16 * (a.size // 16)
+    x = np.where(body, mbqm_single(a, m_a, e_a) + mbqm_single(b, m_b, e_b), x)
+  return np.clip(mbqm(x, m_o, e_o), *out_range)
+
+
 # (op, family) -> the rule function's name. MEAN on `litert-ruy` is `mean_optimized_hw` only for a
 # 4-D int8 input reduced over axes (1, 2) with keep_dims=True, else `mean_reference`.
 RULES = {
@@ -338,4 +398,13 @@ RULES = {
     ("FULLY_CONNECTED", "litert-ref"): "fc_reference",
     ("FULLY_CONNECTED", "litert-ruy"): "fc_ruy",
     ("FULLY_CONNECTED", "litert-auto"): "fc_xnnpack",  # fc_ruy where xnnpack_takes is False
+    # 16x8 mode: no op delegated; QUANTIZE with an int16 side and MEAN int16 take the reference
+    # kernels' rules (`requantize`, `mean_reference`) in every family
+    **{(op, f): rule for f in ("litert-ref", "litert-ruy", "litert-auto")
+       for op, rule in (("CONV_2D/16x8", "linear_16x8"), ("DEPTHWISE_CONV_2D/16x8", "linear_16x8"),
+                        ("FULLY_CONNECTED/16x8", "linear_16x8"),
+                        ("QUANTIZE/16x8", "requantize"), ("MEAN/16x8", "mean_reference"))},
+    ("ADD/16x8", "litert-ref"): "add_16x8",
+    ("ADD/16x8", "litert-ruy"): "add_16x8 (vector)",
+    ("ADD/16x8", "litert-auto"): "add_16x8 (vector)",
 }

@@ -45,9 +45,11 @@ FAMILY = "ort"
 FAMILIES = ("ort",)
 
 
-def storage_offset(lo: int, hi: int) -> int | None:
+def storage_offset(lo: int, hi: int, zero_point: int = 0) -> int | None:
   """What uint8 storage adds to the integers of a grid tensor whose values lie in [lo, hi]: 0 when
-  they already fit [0, 255], 128 for a signed grid inside [-128, 127]; None otherwise."""
+  they already fit [0, 255], 128 for a signed grid inside [-128, 127]; None otherwise (the zero
+  point does not matter: uint8 tensors take any)."""
+  del zero_point
   if 0 <= lo and hi <= 255:
     return 0
   if -128 <= lo and hi <= 127:

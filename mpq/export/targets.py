@@ -33,9 +33,9 @@ A target (`Target`, registered in `TARGETS` by name) owns
                                       the same three, as the IR op holds them
   add_ir                              the IR op a residual addition lowers to (`add`: mpq's and
                                       TFLite's fixed-point form; `add_grid`: onto the output grid)
-  storage_offset(lo, hi)              what the file adds to the integers of a grid tensor whose
-                                      values lie in [lo, hi] (its storage type's range), or None
-                                      where [lo, hi] does not fit it
+  storage_offset(lo, hi, zero_point)  what the file adds to the integers of a grid tensor whose
+                                      values lie in [lo, hi] with that zero point (its storage
+                                      type's range), or None where [lo, hi] does not fit it
 Entries: mpq's own format, `mpq` (`mpq-int` manifest + weights.npz, half up everywhere:
 requantization by rule `exact`, one rounding of the 64-bit product with TFLite's normalised
 multiplier; manifests written before it name no rule and keep TFLite's double rounding with
@@ -80,7 +80,7 @@ class Target:
   grid_transforms: bool = False
   weight_layout: Callable = lambda g_w, w_int, bias, options: (g_w, w_int, bias)
   add_ir: str = "add"
-  storage_offset: Callable = lambda lo, hi: 0
+  storage_offset: Callable = lambda lo, hi, zero_point=0: 0
   # the array its file takes for uint8 NHWC images (onnx: NCHW)
   file_input: Callable = lambda pixels: pixels
 

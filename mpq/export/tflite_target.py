@@ -21,6 +21,10 @@ What the target decides (`mpq.export.targets.Target`):
                 scales, zero point - 128)
   output        int8 logits on a calibrated per-tensor grid (`output_dtype`; FULLY_CONNECTED cannot
                 output int32); argmax ties go to the lowest index
+  16x8 mode     grids over 8 bits are int16 tensors with zero point 0 (`storage`); an op with an
+                int16 input or output runs LiteRT's 16x8 kernel (`sixteen_bit`), with exact
+                int8 <-> int16 QUANTIZEs around it where a side is 8-bit, and the 16x8 kernels'
+                measured rules (`REQUANT_RULES` `*/16x8`)
 
 The .tflite graph is written from the validated manifest (`to_tflite`): every IR op lowers itself
 (`IROp.tflite(op, writer)`, in `mpq.ops`) through the `Writer` below, which holds what they share:
@@ -69,6 +73,21 @@ REQUANT_RULES = {
     # ("ADD", "litert-auto") where XNNPACK takes it: not a requantization of the ADD's
     # accumulator but XNNPACK's own qs8 add onto the output grid (`add_grid`, rule xnnpack)
 }
+# 16x8 mode (int16 activations, int8 weights, int64 bias; `sixteen_bit`): every family runs the
+# builtin kernels (XNNPACK takes no int16 op) and they all round alike (measured against LiteRT
+# 2.3.0: `litert_rules.conv_16x8`, `fc_16x8`, `add_16x8`; tests/test_litert_rules.py). CONV_2D and
+# DEPTHWISE_CONV_2D multiply the int64 accumulator by a 16-bit multiplier, `(M0 + 2^15) >> 16`, and
+# round once (ties toward +inf): rule `exact` with that multiplier times 2^16 (`multiplier_16x8`);
+# FULLY_CONNECTED rounds the exact product with M0 once, ties away from zero (rule
+# `single_away`); ADD with int16 inputs is the int8 ADD's fixed point with a left shift of 15
+# (rule `double`; its inputs' rescaling per family: `mpq.ops.add.AddIR.for_family`).
+for _family in FAMILIES:
+  REQUANT_RULES.update({("CONV_2D/16x8", _family): "exact",
+                        ("DEPTHWISE_CONV_2D/16x8", _family): "exact",
+                        ("FULLY_CONNECTED/16x8", _family): "single_away",
+                        ("ADD/16x8", _family): "double"})
+REDUCED_MULTIPLIER = ("CONV_2D", "DEPTHWISE_CONV_2D")  # 16x8 kernels with a 16-bit multiplier
+ADD_SHIFT, ADD_SHIFT_16 = 20, 15  # ADD's left shift of int8 and of int16 inputs (add.cc Prepare)
 
 
 def f32(x) -> float:
@@ -80,21 +99,64 @@ def requantizer(acc, s_out: float, out_max: float, out: dict | None = None,
   """The `requantize` op's rule and tensors for accumulator `acc` onto a grid of scale `s_out`, as
   LiteRT computes it in `family`: `QuantizeMultiplier(s_acc / s_out)` per channel, where `s_acc`
   is, in double, exactly what LiteRT forms from the file's float32 scales (`s_in s_w`: a product
-  of two float32 values is exact in double; ADD's `2 max(s_a, s_b) / 2^20`)."""
+  of two float32 values is exact in double; ADD's `2 max(s_a, s_b) / 2^20`), reduced to 16 bits
+  where a 16x8 conv does so (`multiplier_16x8`)."""
   from mpq import ops  # pylint: disable=g-import-not-at-top
   from mpq.export.targets import fixed_point  # pylint: disable=g-import-not-at-top
   del out_max
-  if out is not None and storage_offset(*out["clamp"]) is None:
-    raise ValueError(f"its output grid {list(out['clamp'])} does not fit int8 storage; the tflite "
-                     "target takes activations of at most 8 bits")
+  out_bits = 8
+  if out is not None:
+    lo, hi = out["clamp"]
+    if storage(lo, hi, out["zero_point"]) is None:
+      raise ValueError(f"its output grid [{lo}, {hi}] (zero point {out['zero_point']}) fits "
+                       "neither int8 nor int16 storage (TFLite's 16x8 mode: int16 tensors with "
+                       "zero point 0); the tflite target takes activations of at most 8 bits, or "
+                       "of 9-16 bits whose grid less its zero point fits int16 (signed, or "
+                       "unsigned of at most 15 bits)")
+    out_bits = out.get("bits", 8)
   producer = acc.producer or {}
   kind = ops.ir_op(producer["op"]).tflite_op(producer) if "op" in producer else None
   if kind is None:
     what = producer.get("op", "this op")
     raise ValueError(f"the tflite target has no lowering yet for the output of {what!r}; "
                      "export with --target=mpq")
+  rule = _rule(kind, family, producer, out_bits)
+  wide = sixteen_bit(producer, out_bits)
+  if wide and kind == "ADD" and max(producer["a_bits"]) <= 8:
+    raise ValueError(f"an addition of {max(producer['a_bits'])}-bit inputs onto a {out_bits}-bit "
+                     "grid: TFLite's int8 ADD outputs int8 and its int16 ADD takes int16 inputs; "
+                     "give the addition's inputs (its a_bits) more than 8 bits too, or its "
+                     "consumer at most 8")
+  if wide and kind == "ADD" and all(_is_pot(v) for v in [*producer["input_scales"], s_out]):
+    raise ValueError("an int16 ADD whose input and output scales are all powers of two takes "
+                     "LiteRT's shift-only path, which mpq does not emulate; train the addition's "
+                     "quantizers with another estimator than tqt, or at most 8 bits")
   pairs = [quantize_multiplier(float(m)) for m in np.ravel(acc.scale / s_out)]
-  return _rule(kind, family, producer), fixed_point(pairs, np.shape(acc.scale))
+  if wide and kind in REDUCED_MULTIPLIER:
+    pairs = [multiplier_16x8(*p) for p in pairs]
+  return rule, fixed_point(pairs, np.shape(acc.scale))
+
+
+def sixteen_bit(op: dict, out_bits: int) -> bool:
+  """Whether TFLite op of IR op `op` runs in 16x8 mode (int16 activations): where an input or its
+  output grid has more than 8 bits (an 8-bit side is converted to or from int16 around it, exactly:
+  `Writer.as_int16`, `Writer.fused_output`)."""
+  bits = op.get("a_bits", 8)
+  return max(bits if isinstance(bits, list) else [bits]) > 8 or out_bits > 8
+
+
+def multiplier_16x8(m0: int, shift: int) -> tuple[int, int]:
+  """The multiplier of a 16x8 CONV_2D / DEPTHWISE_CONV_2D as rule `exact` takes it: LiteRT's int64
+  `MultiplyByQuantizedMultiplier` keeps 16 bits, `r = (M0 + 2^15) >> 16` (0x7FFF from M0 >=
+  0x7FFF0000), and computes `(x r + 2^(14 - shift)) >> (15 - shift)`, which is rule `exact` with
+  `M0' = r 2^16` at the same shift."""
+  r = (m0 + (1 << 15)) >> 16 if m0 < 0x7FFF0000 else 0x7FFF
+  return r << 16, shift
+
+
+def _is_pot(v) -> bool:
+  m, _ = np.frexp(np.float32(v))
+  return float(m) == 0.5
 
 
 def weight_layout(g_w: dict, w_int, bias, options: dict):
@@ -118,12 +180,27 @@ def weight_layout(g_w: dict, w_int, bias, options: dict):
   return g, w_int * 2 ** k, bias * 2.0 ** k
 
 
-def storage_offset(lo: int, hi: int) -> int | None:
-  """What int8 storage adds to the integers of a grid tensor whose values lie in [lo, hi]:
-  `127 - hi`, so the grid's top is int8's top and a fused activation (which clamps at 127)
-  enforces it (shared/DEPLOY.md's construction for grids below 8 bits; an unsigned 8-bit grid
-  moves by -128, a signed one stays). None where [lo, hi] spans more than int8 holds."""
-  return 127 - hi if hi - lo <= 255 else None
+INT16 = (-32768, 32767)
+
+
+def storage(lo: int, hi: int, zero_point: int = 0) -> tuple[str, int] | None:
+  """(dtype, offset) of a grid tensor whose values lie in [lo, hi]: what the file stores and what
+  it adds to the integers. int8 where [lo, hi] spans at most 256 values, offset `127 - hi`, so the
+  grid's top is int8's top and a fused activation (which clamps at 127) enforces it
+  (shared/DEPLOY.md's construction for grids below 8 bits; an unsigned 8-bit grid moves by -128, a
+  signed one stays). Otherwise int16 (TFLite's 16x8 mode, whose int16 tensors have zero point 0),
+  offset `-zero_point`, where [lo, hi] less the zero point fits int16; else None."""
+  if hi - lo <= 255:
+    return "int8", 127 - hi
+  if INT16[0] <= lo - zero_point and hi - zero_point <= INT16[1]:
+    return "int16", -zero_point
+  return None
+
+
+def storage_offset(lo: int, hi: int, zero_point: int = 0) -> int | None:
+  """The offset of `storage`, or None."""
+  s = storage(lo, hi, zero_point)
+  return None if s is None else s[1]
 
 
 def weight_dtype(op: dict) -> str:
@@ -139,10 +216,13 @@ def weight_dtype(op: dict) -> str:
   return "int8"
 
 
-def _rule(kind: str, family: str, op: dict) -> str:
-  """The requantize rule of TFLite op `kind` (from IR op `op`) in `family`, or a ValueError."""
+def _rule(kind: str, family: str, op: dict, out_bits: int = 8) -> str:
+  """The requantize rule of TFLite op `kind` (from IR op `op`, onto a grid of `out_bits`) in
+  `family`, or a ValueError."""
   key = family
-  if family == "litert-auto":
+  if sixteen_bit(op, out_bits):
+    kind = f"{kind}/16x8"
+  elif family == "litert-auto":
     from mpq.export.litert_rules import xnnpack_takes  # pylint: disable=g-import-not-at-top
     k = op["weight_shape"][0] if op["op"] == "dense" else None
     try:
@@ -187,7 +267,8 @@ def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
       op = ops.ir_op(op["op"]).for_family(op, family)
     except ValueError as e:
       raise ExportError(f"op {op['name']!r}: {e}") from None
-    if auto and op["op"] == "requantize_grid" and xnnpack_takes(
+    if auto and op["op"] == "requantize_grid" and max(op["bits"], op.get("input_bits", 8)) <= 8 \
+        and xnnpack_takes(
         "QUANTIZE", ratios=[_f32_ratio(op["input_scale"], op["scale"])]):
       op = dict(op, rule="xnnpack")
     src = producer.get(op.get("input")) if op["op"] == "requantize" else None
@@ -196,7 +277,7 @@ def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
       index[op["name"]] = len(new_ops)
       new_ops.append(op)
       continue
-    if kind == "ADD" and auto:
+    if kind == "ADD" and auto and not sixteen_bit(src, op["bits"]):
       if xnnpack_takes("ADD", ratios=[_f32_ratio(v, op["output_scale"])
                                       for v in src["input_scales"]]):
         new_ops[index[src["name"]]] = _xnnpack_add(src, op, producer)
@@ -207,7 +288,7 @@ def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
       rule = REQUANT_RULES[("ADD", "litert-auto/builtin")]
     else:
       try:
-        rule = _rule(kind, family, src)
+        rule = _rule(kind, family, src, op["bits"])
       except ValueError as e:
         raise ExportError(f"op {op['name']!r}: {e}") from None
     # every fixed-point family derives the same (M0, shift): the exported ones stay
@@ -286,10 +367,14 @@ class Writer:
     self.float = float_twin
     self.ids: dict[str, int] = {}
     self.offsets: dict[str, int] = {}
+    self.dtypes: dict[str, str] = {}  # "int8" / "int16" (16x8 mode) of each grid tensor
+    self.int16: dict[str, int] = {}  # int8 grid tensor -> its int16 copy (`as_int16`)
     self.grid_range: dict[str, tuple[int, int]] = {}  # IR range [lo, hi] of each grid tensor
     self.consumers: dict[str, list[dict]] = {}
     self.fused: set[str] = set()  # names of requantize ops lowered with their producer
-    self.pending: dict[str, tuple[int, int, int]] = {}  # grid tensor -> its MAXIMUM clamp
+    # grid tensor -> (the kernel's output, the tensor, [(op, constant or None)]): the ops that
+    # complete a kernel's output after it (`fused_output`, `finish_output`)
+    self.pending: dict[str, tuple[int, int, list]] = {}
     self.outputs: list[int] = []
     from mpq import ops  # pylint: disable=g-import-not-at-top
     self._ops = ops
@@ -298,6 +383,12 @@ class Writer:
         self.consumers.setdefault(t, []).append(op)
 
   weight_dtype = staticmethod(weight_dtype)
+  sixteen_bit = staticmethod(sixteen_bit)
+
+  @staticmethod
+  def add_shift(wide: bool) -> int:
+    """ADD's left shift in LiteRT: 15 for int16 inputs (16x8 mode), 20 for int8."""
+    return ADD_SHIFT_16 if wide else ADD_SHIFT
 
   def fail(self, op: dict, reason: str):
     from mpq.export.exporter import ExportError  # pylint: disable=g-import-not-at-top
@@ -311,24 +402,47 @@ class Writer:
   storage_offset = staticmethod(storage_offset)
 
   def grid_tensor(self, name: str, scale: float, zero_point: int, lo: int, hi: int, op: dict) -> int:
-    """A new int8 activation tensor for IR grid tensor `name` (integers in [lo, hi], zero point
-    `zero_point` on the IR grid); returns its index."""
+    """A new activation tensor for IR grid tensor `name` (integers in [lo, hi], zero point
+    `zero_point` on the IR grid), int8 or int16 (`storage`); returns its index."""
     shape = self.shapes[name]
     if self.float:
       self.ids[name] = self.builder.add_tensor(name, shape, "float32",
                                                signature=self.signature(shape))
-      self.offsets[name], self.grid_range[name] = 0, (lo, hi)
+      self.offsets[name], self.grid_range[name], self.dtypes[name] = 0, (lo, hi), "float32"
       return self.ids[name]
-    off = self.storage_offset(lo, hi)
-    if off is None:
-      self.fail(op, f"its output grid [{lo}, {hi}] does not fit int8 storage; the tflite target "
-                "takes activations of at most 8 bits")
-    self.ids[name] = self.builder.add_tensor(name, shape, "int8", scale=f32(scale),
+    st = storage(lo, hi, zero_point)
+    if st is None:
+      self.fail(op, f"its output grid [{lo}, {hi}] (zero point {zero_point}) fits neither int8 "
+                "nor int16 storage; the tflite target takes activations of at most 8 bits, or of "
+                "9-16 bits whose grid less its zero point fits int16")
+    dtype, off = st
+    self.ids[name] = self.builder.add_tensor(name, shape, dtype, scale=f32(scale),
                                              zero_point=zero_point + off,
                                              signature=self.signature(shape))
-    self.offsets[name] = off
+    self.offsets[name], self.dtypes[name] = off, dtype
     self.grid_range[name] = (lo, hi)
     return self.ids[name]
+
+  def as_int16(self, op: dict, name: str) -> tuple[int, int]:
+    """(tensor index, storage offset) of IR grid tensor `name` as a 16x8 kernel reads it: the
+    tensor itself where it is int16; else its int16 copy at the same scale with zero point 0
+    (stored `q - z`), a QUANTIZE int8 -> int16, exact in every kernel family (measured,
+    `litert_rules.requantize` with equal scales), written once."""
+    x, off = self.grid(op, name)
+    if self.float or self.dtypes.get(name) == "int16":
+      return x, off
+    if name not in self.int16:
+      q = self.builder.tensors[x].quantization
+      shape = self.shapes[name]
+      t = self.builder.add_tensor(f"{name}/int16", shape, "int16", scale=q.scale, zero_point=0,
+                                  signature=self.signature(shape))
+      self.builder.add_operator("QUANTIZE", [x], [t])
+      self.int16[name] = t
+    return self.int16[name], -self._zero_point(name)
+
+  def _zero_point(self, name: str) -> int:
+    """The IR zero point of grid tensor `name` (the stored one less the offset)."""
+    return int(self.builder.tensors[self.ids[name]].quantization.zeroPoint[0]) - self.offsets[name]
 
   def alias(self, name: str, like: str, shape=None) -> int:
     """A new tensor for IR tensor `name` with the quantization of IR tensor `like` (pooling,
@@ -339,9 +453,10 @@ class Writer:
     if q is None:  # the float twin
       idx = self.builder.add_tensor(name, shape, "float32", signature=self.signature(shape))
     else:
-      idx = self.builder.add_tensor(name, shape, "int8", scale=q.scale, zero_point=q.zeroPoint,
-                                    signature=self.signature(shape))
+      idx = self.builder.add_tensor(name, shape, self.dtypes.get(like, "int8"), scale=q.scale,
+                                    zero_point=q.zeroPoint, signature=self.signature(shape))
     self.ids[name], self.offsets[name] = idx, self.offsets[like]
+    self.dtypes[name] = self.dtypes.get(like, "int8")
     if like in self.grid_range:
       self.grid_range[name] = self.grid_range[like]
     return idx
@@ -365,45 +480,75 @@ class Writer:
     self.fused.add(users[0]["name"])
     return users[0]
 
-  def fused_output(self, r: dict, relu: bool = True) -> tuple[int, str]:
-    """(output tensor index, fused activation name) of requantize op `r` written as a kernel's
-    output; `finish_output(r)` after the kernel completes it. Stored at offset `127 - hi`
-    (`storage_offset`), the clamp's top is int8's; its bottom is int8's too (fused NONE), or the
-    zero point (fused RELU, which clamps at it: every unsigned grid after a ReLU, any bits), or,
-    for a signed grid below 8 bits, a MAXIMUM of the kernel's output (fused NONE) and the grid's
-    bottom as an int8 constant (shared/DEPLOY.md's construction; MAXIMUM compares raw int8 values
-    in every family, `litert_rules.maximum`). `relu`: whether the kernel has a fused RELU (a
-    QUANTIZE has none; it passes True where its input was clamped at the same zero point)."""
+  def fused_output(self, r: dict, relu: bool = True, wide: bool = False) -> tuple[int, str]:
+    """(the kernel's output tensor index, fused activation name) of requantize op `r` written as a
+    kernel's output; `finish_output(r["output"])` after the kernel completes it. `relu`: whether
+    the kernel has a fused RELU (a QUANTIZE has none; it passes True where its input was clamped
+    at the same zero point). `wide`: the kernel runs in 16x8 mode and outputs int16.
+
+    An int8 grid is stored at offset `127 - hi` (`storage`): the clamp's top is int8's; its
+    bottom is int8's too (fused NONE), or the zero point (fused RELU, which clamps at it: every
+    unsigned grid after a ReLU, any bits), or, for a signed grid below 8 bits, a MAXIMUM of the
+    kernel's output (fused NONE) and the grid's bottom as a constant (shared/DEPLOY.md's
+    construction; MAXIMUM compares raw stored values in every family, `litert_rules.maximum`).
+    An int16 grid is stored at offset `-z` (zero point 0): its bottom likewise, its top int16's
+    or a MINIMUM with it. A 16x8 kernel whose output grid is int8 writes an int16 tensor at the
+    same scale with zero point 0 (the same rounding, before `+ z`), then a QUANTIZE int16 -> int8
+    adds `z + offset` exactly (measured in every family) and saturates at int8's top."""
     lo, hi = r["clamp"]
     z = r["zero_point"]
     s = r.get("output_scale")
     if s is None:
       self.fail(r, "has no output_scale (re-export the model)")
-    y = self.grid_tensor(r["output"], s, z, lo, hi, r)  # fails where [lo, hi] exceeds int8
+    y = self.grid_tensor(r["output"], s, z, lo, hi, r)  # fails where [lo, hi] fits no storage
     if self.float:  # the float twin: a ReLU where the grid starts at its zero point
       return y, ("RELU" if lo == z else "NONE")
-    off = self.offsets[r["output"]]
-    if lo + off == -128:
-      return y, "NONE"
-    if lo == z and relu:
-      return y, "RELU"
+    off, dtype = self.offsets[r["output"]], self.dtypes[r["output"]]
+    shape = self.shapes[r["output"]]
     q = self.builder.tensors[y].quantization
-    raw = self.builder.add_tensor(f"{r['output']}/unclamped", self.shapes[r["output"]], "int8",
-                                  scale=q.scale, zero_point=q.zeroPoint,
-                                  signature=self.signature(self.shapes[r["output"]]))
-    self.pending[r["output"]] = (raw, y, lo + off)
-    return raw, "NONE"
+    steps, raw, kmin = [], y, (-128 if dtype == "int8" else INT16[0]) - off
+    if wide and dtype == "int8":  # kernel -> int16 (zero point 0) -> QUANTIZE -> int8
+      raw = self.builder.add_tensor(f"{r['output']}/int16", shape, "int16", scale=q.scale,
+                                    zero_point=0, signature=self.signature(shape))
+      steps.append(("QUANTIZE", None))
+      kmin = max(kmin, INT16[0] + z)
+    if lo <= kmin:
+      act = "NONE"
+    elif lo == z and relu:
+      act = "RELU"
+    else:
+      act = "NONE"
+      steps.append(("MAXIMUM", lo + off))
+    if dtype == "int16" and hi + off < INT16[1]:
+      steps.append(("MINIMUM", hi + off))
+    if steps:
+      if raw == y:
+        raw = self.builder.add_tensor(f"{r['output']}/unclamped", shape, dtype, scale=q.scale,
+                                      zero_point=q.zeroPoint, signature=self.signature(shape))
+      self.pending[r["output"]] = (raw, y, steps)
+    return raw, act
 
   def finish_output(self, tensor: str) -> None:
-    """After the kernel writing `fused_output`'s tensor: the MAXIMUM that clamps a signed grid
-    below 8 bits at its bottom, where one is pending."""
+    """After the kernel writing `fused_output`'s tensor: the ops that complete it, where pending
+    (QUANTIZE int16 -> int8, MAXIMUM with the grid's bottom, MINIMUM with its top)."""
     if tensor not in self.pending:
       return
-    raw, y, bottom = self.pending.pop(tensor)
-    q = self.builder.tensors[y].quantization
-    k = self.builder.add_tensor(f"{tensor}/bottom", [1], "int8", data=np.asarray([bottom], np.int8),
-                                scale=q.scale, zero_point=q.zeroPoint)
-    self.builder.add_operator("MAXIMUM", [raw, k], [y])
+    raw, y, steps = self.pending.pop(tensor)
+    q, dtype, shape = self.builder.tensors[y].quantization, self.dtypes[tensor], self.shapes[tensor]
+    x = raw
+    for i, (kind, const) in enumerate(steps):
+      last = i == len(steps) - 1
+      out = y if last else self.builder.add_tensor(
+          f"{tensor}/{kind.lower()}", shape, dtype, scale=q.scale, zero_point=q.zeroPoint,
+          signature=self.signature(shape))
+      if const is None:
+        self.builder.add_operator(kind, [x], [out])
+      else:
+        k = self.builder.add_tensor(f"{tensor}/{kind.lower()}_bound", [1], dtype,
+                                    data=np.asarray([const]), scale=q.scale,
+                                    zero_point=q.zeroPoint)
+        self.builder.add_operator(kind, [x, k], [out])
+      x = out
 
   def run(self) -> bytes:
     for op in self.manifest["ops"]:
@@ -469,7 +614,7 @@ def _register():
       "tflite", _write, ("manifest.json", "weights.npz", FILE),
       lambda m, out_max: quantize_multiplier(m),  # LiteRT's QuantizeMultiplier (ADD's inputs)
       {"*": "half_up"}, requantizer, output_dtype="int8", pixel_input=True, emulations=FAMILIES,
-      add_shift=lambda bits: 20, grid_transforms=True,
+      add_shift=lambda bits: ADD_SHIFT_16 if bits > 8 else ADD_SHIFT, grid_transforms=True,
       emulate=emulate, runtimes=FAMILIES, run=run_litert,
       options={"weights": (("compact", "exact"), "compact")}, weight_layout=weight_layout,
       storage_offset=storage_offset))

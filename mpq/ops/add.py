@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from mpq.fixedpoint import multiply_by_quantized_multiplier
+from mpq.fixedpoint import multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_exact
 from mpq.ops.registry import IROp, OpKind, register
 
 
@@ -68,6 +68,8 @@ class AddIR(IROp):
     need(op, "inputs", isinstance(op.get("inputs"), list) and len(op["inputs"]) == 2
          and all(isinstance(t, str) for t in op["inputs"]),
          f"must list two tensor names{self.got(op, 'inputs')}")
+    need(op, "rule", op.get("rule", "double") in ("double", "vector16"),
+         f"must be 'double' or 'vector16'{self.got(op, 'rule')}")
     self.integer(op, "left_shift", need, 0, 30)
     self.integers(op, "multipliers", need, 2, 0, 2 ** 31 - 1)
     self.integers(op, "shifts", need, 2, -31, 30)
@@ -93,13 +95,30 @@ class AddIR(IROp):
            f"{op['left_shift']} overflows int32 on input {t!r} (range {list(r)}, zero point {z})")
     return None
 
+  def for_family(self, op, family):
+    """LiteRT's optimized int16 ADD (`litert-ruy`, and `litert-auto`, where XNNPACK takes no
+    int16 op): rule `vector16` (measured, `litert_rules.add_16x8`); otherwise the op as it is."""
+    if family in ("litert-ruy", "litert-auto") and max(op["a_bits"]) > 8:
+      return dict(op, rule="vector16")
+    return op
+
   def kernel(self, op, env, tensors):
+    """`sum_i MBQM((q_i - z_i) << left_shift, M_i, shift_i)` in int32. Rule `vector16` (LiteRT's
+    optimized int16 ADD): over the flattened tensor, whole blocks of 16 from the start rescale
+    each input by one rounding (`multiply_by_quantized_multiplier_exact`), the last `size % 16`
+    elements as above."""
     acc = jnp.int32(0)
+    vector = op.get("rule") == "vector16"
     for name, z, m0, sh in zip(op["inputs"], op["input_zero_points"], op["multipliers"],
                                op["shifts"]):
       xi = jnp.left_shift(env[name] - jnp.int32(z), jnp.int32(op["left_shift"]))
-      acc = acc + multiply_by_quantized_multiplier(xi, jnp.int32(m0), jnp.int32(sh),
-                                                   nonneg=m0 >= 0)
+      y = multiply_by_quantized_multiplier(xi, jnp.int32(m0), jnp.int32(sh), nonneg=m0 >= 0)
+      if vector:
+        n = xi.size
+        body = (jnp.arange(n) < 16 * (n // 16)).reshape(xi.shape)
+        y = jnp.where(body, multiply_by_quantized_multiplier_exact(xi, jnp.int32(m0),
+                                                                   jnp.int32(sh)), y)
+      acc = acc + y
     return acc
 
   def tflite_op(self, op):
@@ -107,24 +126,27 @@ class AddIR(IROp):
 
   def tflite(self, op, w):
     """ADD of two int8 tensors with the consuming requantization fused (its output grid and clamp
-    as a fused activation). LiteRT derives the same left shift (20) and multipliers from the
-    file's scales (add.cc Prepare): checked here against the op's."""
+    as a fused activation), or of two int16 tensors (16x8 mode: an input over 8 bits; an 8-bit
+    input converted exactly). LiteRT derives the same left shift (20; 15 for int16) and
+    multipliers from the file's scales (add.cc Prepare): checked here against the op's."""
     from mpq.fixedpoint import quantize_multiplier  # pylint: disable=g-import-not-at-top
     r = w.requantize_of(op)
+    wide = not w.float and w.sixteen_bit(op, r["bits"])
     xs = []
     for t, z in zip(op["inputs"], op["input_zero_points"]):
-      x, off = w.grid(op, t)
+      x, off = (w.as_int16 if wide else w.grid)(op, t)
       if not w.float and z + off != w.builder.tensors[x].quantization.zeroPoint[0]:
         w.fail(op, f"its input zero point for {t!r} differs from the tensor's")
       xs.append(x)
     s = [float(np.float32(v)) for v in op["input_scales"]]
     twice_max = 2.0 * max(s)
     want = [quantize_multiplier(v / twice_max) for v in s]
-    if not w.float and (op["left_shift"] != 20 or [list(p) for p in want] != [
+    left = w.add_shift(wide)
+    if not w.float and (op["left_shift"] != left or [list(p) for p in want] != [
         [m, sh] for m, sh in zip(op["multipliers"], op["shifts"])]):
-      w.fail(op, "its left shift and input multipliers are not LiteRT's (left shift 20, "
+      w.fail(op, f"its left shift and input multipliers are not LiteRT's (left shift {left}, "
              "QuantizeMultiplier(s_i / 2 max(s_a, s_b))); export with --target=tflite")
-    y, act = w.fused_output(r)
+    y, act = w.fused_output(r, wide=wide)
     w.builder.add_operator("ADD", xs, [y], w.builder.options("AddOptions",
                                                              fusedActivationFunction=act))
     w.finish_output(r["output"])

@@ -274,6 +274,8 @@ class RequantizeGrid(IROp):
     self.scale(op, "input_scale", need)
     self.scale(op, "scale", need)
     self.integer(op, "input_zero_point", need, -2 ** 16, 2 ** 16)
+    if "input_bits" in op:  # the input grid's bits (manifests since 16x8 mode; default 8)
+      self.bits(op, "input_bits", need)
     bits = self.bits(op, "bits", need)
     self.grid_range(op, "clamp", bits, need, strict=False)
     self.integer(op, "zero_point", need, *self.bits_range(bits))
@@ -290,9 +292,13 @@ class RequantizeGrid(IROp):
                                float(np.float32(op["scale"])))
 
   def for_family(self, op, family):
+    """The family's kernel (`GRID_FAMILIES`); with an int16 side (TFLite's 16x8 mode: a grid over
+    8 bits) the reference one in every LiteRT family (measured: `litert_rules.requantize`)."""
     if family not in GRID_FAMILIES:
       raise ValueError(f"the requantization of an integer tensor onto another grid in {family} has "
                        "not been measured against the runtime yet, so it cannot be emulated")
+    if family.startswith("litert-") and max(op["bits"], op.get("input_bits", 8)) > 8:
+      return dict(op, rule="double")
     return dict(op, rule=GRID_FAMILIES[family])
 
   def kernel(self, op, env, tensors):

@@ -20,6 +20,7 @@ import numpy as np
 from mpq.ops.registry import IROp, OpKind, register
 from mpq.packing import storage, unpack
 
+
 # The onnx target stores weights as uint8 `w + WEIGHT_OFFSET` with that zero point (`LinearIR.onnx`).
 WEIGHT_OFFSET = 128
 
@@ -77,7 +78,9 @@ class Linear(OpKind):
     x_max = max(abs(g_in["qmin"] - z), abs(g_in["qmax"] - z))
     k = int(np.prod(w_int.shape[:-1]))  # products summed per output (conv: kh kw cin/groups)
     bound = float(k * np.max(np.abs(w_int)) * x_max + np.max(np.abs(bias)))
-    lw.accumulator(node.output, name, t_acc, s_in * s_w, bound)
+    per_out = np.abs(w_int).reshape(-1, w_int.shape[-1]).sum(axis=0)
+    peak = float(np.max(per_out * x_max + np.abs(np.broadcast_to(bias, per_out.shape))))
+    lw.accumulator(node.output, name, t_acc, s_in * s_w, bound, peak)
 
 
 class Dense(Linear):
@@ -229,14 +232,16 @@ class LinearIR(IROp):
     fused activation): per op kind."""
     raise NotImplementedError
 
-  def tflite_input(self, op, x: int, w) -> int:
-    """The .tflite tensor the op reads (dense: flattened first)."""
-    return x
+  def tflite_input(self, op, w) -> str:
+    """The IR tensor whose .tflite tensor the op reads (dense: flattened first)."""
+    return op["input"]
 
   def tflite(self, op, w):
-    """The TFLite op with int8 weights (per-channel scales), the int32 bias at scale
-    `f32(s_in) f32(s_w,c)`, and the consuming requantization fused: its output grid and clamp
-    (as a fused activation). LiteRT derives the multipliers from these float32 scales, as the
+    """The TFLite op with int8 (INT4, INT2: `weight_dtype`) weights (per-channel scales), the int32
+    bias at scale `f32(s_in) f32(s_w,c)`, and the consuming requantization fused: its output grid
+    and clamp (as a fused activation). In 16x8 mode (an input or output grid over 8 bits:
+    `tflite_target.sixteen_bit`) int16 input and output (converted from and to int8 around it
+    where a side is 8-bit, exactly), int8 weights and an int64 bias. LiteRT derives the multipliers from these float32 scales, as the
     manifest's (`mpq.export.tflite_target.multipliers`)."""
     kind = self.tflite_op(op)
     if kind is None:
@@ -246,8 +251,8 @@ class LinearIR(IROp):
       w.fail(op, f"weights of {op['w_bits']} bits do not fit int8; the tflite target takes at "
              "most 8-bit weights")
     r = w.requantize_of(op)
-    x, off = w.grid(op, op["input"])
-    x = self.tflite_input(op, x, w)
+    wide = not w.float and w.sixteen_bit(op, r["bits"])
+    x, off = (w.as_int16 if wide else w.grid)(op, self.tflite_input(op, w))
     w_int = np.asarray(w.tensors[op["weight"]])
     cout = w_int.shape[-1]
     s_w = np.asarray(op["weight_scale"], np.float32)
@@ -264,11 +269,13 @@ class LinearIR(IROp):
       y, act = w.fused_output(r)
       b.add_operator(kind, [x, wt, bt], [y], options(act))
       return
-    wt = b.add_tensor(f"{op['name']}/weight", weights.shape, w.weight_dtype(op), data=weights,
+    wt = b.add_tensor(f"{op['name']}/weight", weights.shape,
+                      "int8" if wide else w.weight_dtype(op), data=weights,
                       scale=s_w, zero_point=0, quantized_dimension=qdim)
-    bt = b.add_tensor(f"{op['name']}/bias", [cout], "int32", data=w.tensors[op["bias"]],
-                      scale=bias_scale, zero_point=0)
-    y, act = w.fused_output(r)
+    # 16x8 mode: int64 bias (the int32 one is misread by the reference kernels, measured)
+    bt = b.add_tensor(f"{op['name']}/bias", [cout], "int64" if wide else "int32",
+                      data=w.tensors[op["bias"]], scale=bias_scale, zero_point=0)
+    y, act = w.fused_output(r, wide=wide)
     if op["input_zero_point"] + off != b.tensors[x].quantization.zeroPoint[0]:
       w.fail(op, "its input zero point differs from its input tensor's")
     b.add_operator(kind, [x, wt, bt], [y], options(act))
@@ -327,21 +334,24 @@ class DenseIR(LinearIR):
   def tflite_op(self, op):
     return "FULLY_CONNECTED"
 
-  def tflite_input(self, op, x, w):
+  def tflite_input(self, op, w) -> str:
     """A flattening dense layer on a [B, ...] input: RESHAPE to [-1, features] first (row-major,
     as the executor flattens)."""
     shape = w.shapes[op["input"]]
     if not op.get("flatten", True) or len(shape) == 2:
-      return x
+      return op["input"]
     k = math.prod(shape[1:])
     name = f"{op['input']}/flat"
+    if name in w.ids:
+      return name
+    x, _ = w.grid(op, op["input"])
     w.shapes[name] = (shape[0], k)
     y = w.alias(name, op["input"])
     new_shape = w.builder.add_tensor(f"{name}/shape", [2], "int32",
                                      data=np.asarray([-1, k], np.int32))
     w.builder.add_operator("RESHAPE", [x, new_shape], [y],
                            w.builder.options("ReshapeOptions", newShape=[-1, k]))
-    return y
+    return name
 
   def tflite_layout(self, op, w_int, w):
     keep = not op.get("flatten", True) and len(w.shapes[op["input"]]) > 2

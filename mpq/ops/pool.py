@@ -80,7 +80,7 @@ class AvgPool(Transform):
     lw.emit({"op": "mean", "name": f"{lw.consumer}/mean", "input": tensor, "output": out,
              "axes": list(node.layer.axes), "scale": g["scale"], "zero_point": g["zero_point"],
              "clamp": [lo, hi], "bits": g["bits"],
-             "storage_offset": lw.target.storage_offset(lo, hi)})
+             "storage_offset": lw.target.storage_offset(lo, hi, g["zero_point"])})
     lw.grids[out] = g
     return out
 
@@ -172,6 +172,10 @@ class MeanIR(IROp):
     return tuple(op["clamp"])
 
   def for_family(self, op, family):
+    """The family's kernel (`MEAN_FAMILIES`); on an int16 grid (TFLite's 16x8 mode, over 8 bits)
+    the reference one in every LiteRT family (measured: `litert_rules.mean_reference`)."""
+    if family.startswith("litert-") and op["bits"] > 8:
+      return dict(op, rule="reference")
     return dict(op, rule=MEAN_FAMILIES[family])
 
   def kernel(self, op, env, tensors):
