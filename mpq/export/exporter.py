@@ -464,7 +464,8 @@ class Lowering:
     t_out = self.new()
     self.emit({"op": "requantize_grid", "name": f"{tensor}->{consumer}", "input": tensor,
                "output": t_out, "input_scale": src["scale"], "input_zero_point": src["zero_point"],
-               "input_bits": src["bits"], "scale": s_out, "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]})
+               "input_bits": src["bits"], "scale": s_out, "zero_point": z_out, "clamp": [lo, hi],
+               "bits": g["bits"]})
     self.grids[t_out] = {"scale": s_out, "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]}
     return t_out
 
