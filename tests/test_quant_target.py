@@ -119,13 +119,14 @@ def test_bad_targets_are_one_line_errors(change, message):
 
 
 def test_a_model_the_family_cannot_express_fails_before_training(tmp_path):
-  """Activations of 12 bits have no int8 TFLite form: the run stops before its first write."""
+  """Unsigned activations of 16 bits fit neither int8 nor int16 with zero point 0 (TFLite's 16x8
+  mode): the run stops before its first write."""
   from mpq.experiment import train_and_evaluate
   c = _config("litert-ref")
-  c.quant.rules = (("conv2", {"a_bits": 12}),)
+  c.quant.rules = (("conv2", {"a_bits": 16}),)
   wd = tmp_path / "run"
-  with pytest.raises(UserError, match="config.quant.target='litert-ref': layer 'conv1': its "
-                     "output grid") as e:
+  with pytest.raises(UserError, match=r"config.quant.target='litert-ref': layer 'conv1': its "
+                     r"output grid \[0, 65535\] \(zero point 0\) fits neither int8 nor int16") as e:
     train_and_evaluate(c, str(wd), progress=False)
   assert "\n" not in str(e.value)
   assert not (wd / "config.json").exists() and not (wd / "checkpoints").exists()
