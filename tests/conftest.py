@@ -105,6 +105,31 @@ def calibrated_model(model_name, model_kwargs, estimator, w_bits, a_bits, rules=
   return model, images, ds.image_shape
 
 
+def resnet_case_export(out, target, rule_of, seed, extra_rules=()):
+  """Exports to `out` with `target` a calibrated (untrained) quantized resnet20 (width 8) of
+  configs/tiny.py's settings whose every conv and addition takes the rule `rule_of(rnd, layer)`
+  (`rnd`: `random.Random(seed)`, layers in `models.layer_table` order), then `extra_rules`;
+  calibrated (percentile activations, max weights) and its output grid on the first 256 test
+  images. Returns (out, model, manifest, tensors)."""
+  import random
+  import ml_collections
+  from configs import tiny
+  from mpq import data as data_lib, export, models
+  from mpq.quant import calibration, model as quant_model
+  rnd = random.Random(seed)
+  fm = models.build("resnet20", 10, (28, 28, 1), width=8)
+  c = tiny.get_config()
+  c.model, c.model_kwargs = "resnet20", ml_collections.ConfigDict({"width": 8})
+  c.quant.enabled = True
+  c.quant.rules = tuple((p, rule_of(rnd, l)) for p, l in models.layer_table(fm).items()
+                        if l.kind in ("conv_bn", "add")) + tuple(extra_rules)
+  model, _ = quant_model.build(c, 10, (28, 28, 1))
+  x = next(data_lib.eval_batches(data_lib.load("fashion_mnist", None, 1, 256), 256))["image"]
+  calibration.calibrate(model, [x], act_method="percentile", weight_method="max")
+  export.export(model, (28, 28, 1), str(out), target=target, calibration=x)
+  return out, model, *export.load(str(out))
+
+
 def assert_equal_but_for_near_ties(model, model_dir, images, got, want, max_images=0.01):
   """The integer executor's `got` equals the fake-quant model's `want` ([images, ...]) exactly,
   except in images downstream of a value that the fake-quant model, in float32, finds within

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import TINY_CASES, calibration_images, run_cli, tiny_case_model
+from conftest import (TINY_CASES, calibration_images, resnet_case_export, run_cli,
+                      tiny_case_model)
 from mpq import data as data_lib, export
 from mpq.export import onnx_builder as ob, onnx_target
 from mpq.export.evaluate import executor_outputs
@@ -105,25 +106,11 @@ def resnet_onnx(tmp_path_factory):
   (signed grids below 8 bits, which a .tflite cannot express, are Clips here), estimators lsq /
   tqt / ste: QLinearAdd, DequantizeLinear + QuantizeLinear where a block input feeds a conv and
   a shortcut on two grids, QLinearGlobalAveragePool."""
-  import random
-  import ml_collections
-  from configs import tiny
-  from mpq import models
-  from mpq.quant import calibration, model as quant_model
-  rnd = random.Random(0)
-  fm = models.build("resnet20", 10, (28, 28, 1), width=8)
-  c = tiny.get_config()
-  c.model, c.model_kwargs = "resnet20", ml_collections.ConfigDict({"width": 8})
-  c.quant.enabled = True
-  c.quant.rules = tuple((p, {"w_bits": rnd.randint(2, 8), "a_bits": rnd.randint(2, 8),
-                             "estimator": rnd.choice(["lsq", "tqt", "ste"])})
-                        for p, l in models.layer_table(fm).items() if l.kind in ("conv_bn", "add"))
-  model, _ = quant_model.build(c, 10, (28, 28, 1))
-  x = _pixels(256)["image"]
-  calibration.calibrate(model, [x], act_method="percentile", weight_method="max")
-  out = tmp_path_factory.mktemp("resnet") / "onnx"
-  export.export(model, (28, 28, 1), str(out), target="onnx", calibration=x)
-  return out, *export.load(str(out))
+  out, _, manifest, tensors = resnet_case_export(
+      tmp_path_factory.mktemp("resnet") / "onnx", "onnx",
+      lambda rnd, _: {"w_bits": rnd.randint(2, 8), "a_bits": rnd.randint(2, 8),
+                      "estimator": rnd.choice(["lsq", "tqt", "ste"])}, seed=0)
+  return out, manifest, tensors
 
 
 def test_resnet20_runs_in_ort_as_mpq_emulates_it(resnet_onnx):

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import (TINY_CASES, calibrated_model, calibration_images, run_cli, snapshot,
-                      tiny_case_model)
+from conftest import (TINY_CASES, calibrated_model, calibration_images, resnet_case_export,
+                      run_cli, snapshot, tiny_case_model)
 from mpq import data as data_lib, export
 from mpq.export import tflite_builder as tb, tflite_target
 from mpq.export.evaluate import executor_outputs
@@ -269,25 +269,10 @@ def resnet_export(tmp_path_factory):
   ADDs, a block input feeding a conv and a shortcut (QUANTIZE int8 -> int8 onto the second grid),
   global average pooling as MEAN of the int8 tensor; the additions' inputs are signed grids, below
   8 bits clamped at their bottom by a MAXIMUM."""
-  import random
-  import ml_collections
-  from configs import tiny
-  from mpq import models
-  from mpq.quant import calibration, model as quant_model
-  rnd = random.Random(0)
-  fm = models.build("resnet20", 10, (28, 28, 1), width=8)
-  c = tiny.get_config()
-  c.model, c.model_kwargs = "resnet20", ml_collections.ConfigDict({"width": 8})
-  c.quant.enabled = True
-  c.quant.rules = tuple((p, {"w_bits": rnd.randint(2, 8), "a_bits": rnd.randint(2, 8),
-                             "estimator": rnd.choice(["lsq", "tqt", "ste"])})
-                        for p, l in models.layer_table(fm).items() if l.kind in ("conv_bn", "add"))
-  model, _ = quant_model.build(c, 10, (28, 28, 1))
-  x = _pixels(256)["image"]
-  calibration.calibrate(model, [x], act_method="percentile", weight_method="max")
-  out = tmp_path_factory.mktemp("resnet") / "tfl"
-  export.export(model, (28, 28, 1), str(out), target="tflite", calibration=x)
-  return out, model, *export.load(str(out))
+  return resnet_case_export(
+      tmp_path_factory.mktemp("resnet") / "tfl", "tflite",
+      lambda rnd, _: {"w_bits": rnd.randint(2, 8), "a_bits": rnd.randint(2, 8),
+                      "estimator": rnd.choice(["lsq", "tqt", "ste"])}, seed=0)
 
 
 @pytest.mark.parametrize("family", tflite_target.FAMILIES)
@@ -368,27 +353,13 @@ def test_16x8_exports_run_in_litert_as_mpq_emulates_them(wide_export, family):
 def resnet16_export(tmp_path_factory):
   """resnet20 (width 8) with 10-14-bit residual additions (int16 ADD), convs at 6-14-bit inputs
   with 4 or 8-bit weights, a 12-bit head (int16 MEAN, FULLY_CONNECTED 16x8)."""
-  import random
-  import ml_collections
-  from configs import tiny
-  from mpq import models
-  from mpq.quant import calibration, model as quant_model
-  rnd = random.Random(1)
-  fm = models.build("resnet20", 10, (28, 28, 1), width=8)
-  c = tiny.get_config()
-  c.model, c.model_kwargs = "resnet20", ml_collections.ConfigDict({"width": 8})
-  c.quant.enabled = True
-  c.quant.rules = tuple(
-      (p, {"w_bits": rnd.choice([4, 8]), "estimator": rnd.choice(["lsq", "ste"]),
-           "a_bits": rnd.choice([10, 12, 14] if l.kind == "add" else [6, 8, 10, 12, 14])})
-      for p, l in models.layer_table(fm).items() if l.kind in ("conv_bn", "add")) + (
-          ("head", {"a_bits": 12}),)
-  model, _ = quant_model.build(c, 10, (28, 28, 1))
-  x = _pixels(256)["image"]
-  calibration.calibrate(model, [x], act_method="percentile", weight_method="max")
-  out = tmp_path_factory.mktemp("resnet16") / "tfl"
-  export.export(model, (28, 28, 1), str(out), target="tflite", calibration=x)
-  return out, *export.load(str(out))
+  out, _, manifest, tensors = resnet_case_export(
+      tmp_path_factory.mktemp("resnet16") / "tfl", "tflite",
+      lambda rnd, layer: {"w_bits": rnd.choice([4, 8]), "estimator": rnd.choice(["lsq", "ste"]),
+                          "a_bits": rnd.choice([10, 12, 14] if layer.kind == "add" else
+                                               [6, 8, 10, 12, 14])},
+      seed=1, extra_rules=(("head", {"a_bits": 12}),))
+  return out, manifest, tensors
 
 
 @pytest.mark.parametrize("family", tflite_target.FAMILIES)

@@ -75,17 +75,15 @@ REQUANT_RULES = {
 }
 # 16x8 mode (int16 activations, int8 weights, int64 bias; `sixteen_bit`): every family runs the
 # builtin kernels (XNNPACK takes no int16 op) and they all round alike (measured against LiteRT
-# 2.3.0: `litert_rules.conv_16x8`, `fc_16x8`, `add_16x8`; tests/test_litert_rules.py). CONV_2D and
+# 2.3.0: `litert_rules.linear_16x8`, `add_16x8`; tests/test_litert_rules.py). CONV_2D and
 # DEPTHWISE_CONV_2D multiply the int64 accumulator by a 16-bit multiplier, `(M0 + 2^15) >> 16`, and
 # round once (ties toward +inf): rule `exact` with that multiplier times 2^16 (`multiplier_16x8`);
 # FULLY_CONNECTED rounds the exact product with M0 once, ties away from zero (rule
 # `single_away`); ADD with int16 inputs is the int8 ADD's fixed point with a left shift of 15
 # (rule `double`; its inputs' rescaling per family: `mpq.ops.add.AddIR.for_family`).
-for _family in FAMILIES:
-  REQUANT_RULES.update({("CONV_2D/16x8", _family): "exact",
-                        ("DEPTHWISE_CONV_2D/16x8", _family): "exact",
-                        ("FULLY_CONNECTED/16x8", _family): "single_away",
-                        ("ADD/16x8", _family): "double"})
+REQUANT_RULES.update({(f"{kind}/16x8", family): rule for family in FAMILIES
+                      for kind, rule in (("CONV_2D", "exact"), ("DEPTHWISE_CONV_2D", "exact"),
+                                         ("FULLY_CONNECTED", "single_away"), ("ADD", "double"))})
 REDUCED_MULTIPLIER = ("CONV_2D", "DEPTHWISE_CONV_2D")  # 16x8 kernels with a 16-bit multiplier
 ADD_SHIFT, ADD_SHIFT_16 = 20, 15  # ADD's left shift of int8 and of int16 inputs (add.cc Prepare)
 

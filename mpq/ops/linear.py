@@ -241,8 +241,8 @@ class LinearIR(IROp):
     bias at scale `f32(s_in) f32(s_w,c)`, and the consuming requantization fused: its output grid
     and clamp (as a fused activation). In 16x8 mode (an input or output grid over 8 bits:
     `tflite_target.sixteen_bit`) int16 input and output (converted from and to int8 around it
-    where a side is 8-bit, exactly), int8 weights and an int64 bias. LiteRT derives the multipliers from these float32 scales, as the
-    manifest's (`mpq.export.tflite_target.multipliers`)."""
+    where a side is 8-bit, exactly), int8 weights and an int64 bias. LiteRT derives the
+    multipliers from these float32 scales, as the manifest's (`tflite_target.requantizer`)."""
     kind = self.tflite_op(op)
     if kind is None:
       w.fail(op, "grouped convolutions other than depthwise (groups = input channels, one filter "
