@@ -207,11 +207,12 @@ def test_what_tflite_cannot_express_is_refused_with_one_line(tmp_path):
   assert w.fused_output(dict(r, clamp=[0, 255], bits=8), wide=True)[1] == "NONE"
   assert w.offsets["t"] == -128 and w.pending["t"][2] == [("QUANTIZE", None)]
   acc = exporter.Acc("s/add", "t", np.asarray([2.0 ** -15]), 1e6,
-                     {"op": "add", "a_bits": [8, 8], "input_scales": [0.1, 0.2]})
-  with pytest.raises(ValueError, match="an addition of 8-bit inputs onto a 12-bit grid: TFLite's "
-                     "int8 ADD outputs int8"):
+                     {"op": "add", "a_bits": [8, 8], "input_scales": [0.1, 0.2], "left_shift": 20})
+  with pytest.raises(ValueError, match=r"an addition lowered as TFLite's int8 ADD \(left shift "
+                     r"20\) cannot output onto a 12-bit grid"):
     tflite_target.requantizer(acc, 0.01, 100, {"zero_point": 0, "clamp": [0, 4095], "bits": 12})
-  acc = acc._replace(producer={"op": "add", "a_bits": [12, 12], "input_scales": [0.25, 0.5]})
+  acc = acc._replace(producer={"op": "add", "a_bits": [12, 12], "input_scales": [0.25, 0.5],
+                               "left_shift": 15})
   with pytest.raises(ValueError, match="an int16 ADD whose input and output scales are all powers "
                      "of two takes LiteRT's shift-only path"):
     tflite_target.requantizer(acc, 0.125, 100, {"zero_point": 0, "clamp": [0, 4095], "bits": 12})
@@ -351,12 +352,13 @@ def test_16x8_exports_run_in_litert_as_mpq_emulates_them(wide_export, family):
 
 @pytest.fixture(scope="module")
 def resnet16_export(tmp_path_factory):
-  """resnet20 (width 8) with 10-14-bit residual additions (int16 ADD), convs at 6-14-bit inputs
-  with 4 or 8-bit weights, a 12-bit head (int16 MEAN, FULLY_CONNECTED 16x8)."""
+  """resnet20 (width 8) with 8, 10 or 14-bit residual additions (int16 ADDs, also of 8-bit inputs
+  whose first consumer takes a wider grid), convs at 6-14-bit inputs with 4 or 8-bit weights, a
+  12-bit head (int16 MEAN, FULLY_CONNECTED 16x8)."""
   out, _, manifest, tensors = resnet_case_export(
       tmp_path_factory.mktemp("resnet16") / "tfl", "tflite",
       lambda rnd, layer: {"w_bits": rnd.choice([4, 8]), "estimator": rnd.choice(["lsq", "ste"]),
-                          "a_bits": rnd.choice([10, 12, 14] if layer.kind == "add" else
+                          "a_bits": rnd.choice([8, 10, 14] if layer.kind == "add" else
                                                [6, 8, 10, 12, 14])},
       seed=1, extra_rules=(("head", {"a_bits": 12}),))
   return out, manifest, tensors
@@ -364,17 +366,19 @@ def resnet16_export(tmp_path_factory):
 
 @pytest.mark.parametrize("family", tflite_target.FAMILIES)
 def test_resnet20_16x8_runs_in_litert_as_mpq_emulates_it(resnet16_export, family):
-  """int16 ADDs (the optimized kernel's vector rule under litert-ruy / litert-auto), int16 MEAN,
+  """int16 ADDs (the optimized kernel's vector rule under litert-ruy / litert-auto; an ADD of
+  8-bit inputs whose first consumer is wider is int16 too, its inputs converted), int16 MEAN,
   QUANTIZE between int16 grids and between int8 and int16, 16x8 convs: 0 mismatches."""
   out, manifest, tensors = resnet16_export
-  kinds = [op["op"] for op in manifest["ops"]]
-  assert kinds.count("add") == 9 and all(min(op["a_bits"]) > 8 for op in manifest["ops"]
-                                         if op["op"] == "add")
+  adds = [op for op in manifest["ops"] if op["op"] == "add"]
+  assert len(adds) == 9 and all(op["left_shift"] == 15 for op in adds if max(op["a_bits"]) > 8)
+  assert any(max(op["a_bits"]) == 8 and op["left_shift"] == 15 for op in adds)
   assert [op["bits"] for op in manifest["ops"] if op["op"] == "mean"] == [12]
   images = _pixels()["pixels"]
   got = tflite_target.run_litert(str(out), family, images)
   emulated = tflite_target.emulate(manifest, tensors, family)
   if family != "litert-ref":
-    assert {op.get("rule") for op in emulated[0]["ops"] if op["op"] == "add"} == {"vector16"}
+    assert {op.get("rule") for op in emulated[0]["ops"]
+            if op["op"] == "add" and op["left_shift"] == 15} == {"vector16"}
   want = executor_outputs(*emulated, images)
   assert int(np.sum(got != want)) == 0, f"{family}: {np.sum(got != want)} outputs differ"

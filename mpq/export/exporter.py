@@ -469,6 +469,30 @@ class Lowering:
     self.grids[t_out] = {"scale": s_out, "zero_point": z_out, "clamp": [lo, hi], "bits": g["bits"]}
     return t_out
 
+  def consumer_bits(self, node) -> int | None:
+    """The bits of the grid onto which the first quantized consumer of `node`'s output (through
+    transforms: ReLU, pooling) takes it, which is where its accumulator is requantized (consumers
+    lower in node order; later ones requantize from that grid where the target has one int8
+    tensor per accumulator); the output grid's for the model output; None where neither exists."""
+    nodes = self.graph.nodes
+    start = next(i for i, n in enumerate(nodes) if n is node)
+    reach = {node.output}
+    for n in nodes[start + 1:]:
+      hit = [i for i, t in enumerate(n.inputs) if t in reach]
+      if not hit:
+        continue
+      entry = ops.KINDS.get(n.kind)  # an unknown kind fails when `run` reaches it
+      if isinstance(entry, ops.Transform):
+        reach.add(n.output)
+        continue
+      qs = entry.input_quantizers(n.layer) if entry is not None and n.layer.quantized else ()
+      if qs:
+        g = qs[hit[0]].integer_grid(None)
+        return None if g is None else int(g["bits"])
+    if self.graph.output in reach and self.output_grid is not None:
+      return int(self.output_grid["bits"])
+    return None
+
   def run(self, meta) -> dict:
     for node in self.graph.nodes:
       try:

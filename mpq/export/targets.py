@@ -72,8 +72,10 @@ class Target:
   runtimes: tuple[str, ...] = ()
   run: Callable | None = None
   options: dict = dataclasses.field(default_factory=dict)  # option -> (allowed values, default)
-  # ADD's left shift of its inputs, given their widest grid's bits (mpq: 31 - bits; TFLite: 20)
-  add_shift: Callable = lambda bits: 31 - bits
+  # ADD's left shift of its inputs, given their widest grid's bits and the bits of the grid its
+  # first consumer takes its output onto (None: unknown) (mpq: 31 - bits; TFLite: 20, or 15 for
+  # its int16 ADD)
+  add_shift: Callable = lambda bits, out_bits: 31 - bits
   # one int8 tensor per accumulator (a .tflite op has one output): a second consumer's grid is
   # requantized from the first (`requantize_grid`), and transforms run on requantized tensors
   # (average pooling as a mean of the grid integers), not on the int32 accumulator

@@ -120,11 +120,10 @@ def requantizer(acc, s_out: float, out_max: float, out: dict | None = None,
                      "export with --target=mpq")
   rule = _rule(kind, family, producer, out_bits)
   wide = sixteen_bit(producer, out_bits)
-  if wide and kind == "ADD" and max(producer["a_bits"]) <= 8:
-    raise ValueError(f"an addition of {max(producer['a_bits'])}-bit inputs onto a {out_bits}-bit "
-                     "grid: TFLite's int8 ADD outputs int8 and its int16 ADD takes int16 inputs; "
-                     "give the addition's inputs (its a_bits) more than 8 bits too, or its "
-                     "consumer at most 8")
+  if wide and kind == "ADD" and producer["left_shift"] != ADD_SHIFT_16:
+    raise ValueError(f"an addition lowered as TFLite's int8 ADD (left shift "
+                     f"{producer['left_shift']}) cannot output onto a {out_bits}-bit grid; its "
+                     "first consumer decides (Target.add_shift)")
   if wide and kind == "ADD" and all(_is_pot(v) for v in [*producer["input_scales"], s_out]):
     raise ValueError("an int16 ADD whose input and output scales are all powers of two takes "
                      "LiteRT's shift-only path, which mpq does not emulate; train the addition's "
@@ -612,7 +611,8 @@ def _register():
       "tflite", _write, ("manifest.json", "weights.npz", FILE),
       lambda m, out_max: quantize_multiplier(m),  # LiteRT's QuantizeMultiplier (ADD's inputs)
       {"*": "half_up"}, requantizer, output_dtype="int8", pixel_input=True, emulations=FAMILIES,
-      add_shift=lambda bits: ADD_SHIFT_16 if bits > 8 else ADD_SHIFT, grid_transforms=True,
+      add_shift=lambda bits, out_bits: ADD_SHIFT_16 if max(bits, out_bits or 0) > 8 else ADD_SHIFT,
+      grid_transforms=True,
       emulate=emulate, runtimes=FAMILIES, run=run_litert,
       options={"weights": (("compact", "exact"), "compact")}, weight_layout=weight_layout,
       storage_offset=storage_offset))

@@ -18,13 +18,16 @@ from mpq.ops.registry import IROp, OpKind, register
 class Add(OpKind):
   name, quantizable = "add", True
 
+  def input_quantizers(self, layer) -> tuple:
+    return (layer.aq_a, layer.aq_b)
+
   def lower(self, lw, node) -> None:
     """The target's form (`Target.add_ir`): `add` (fixed point, an int32 accumulator at
     `2 max(s_a, s_b) / 2^L`) or `add_grid` (straight onto the consumer's grid, which the target's
     requantizer records in the op; rule `ort`, ONNX Runtime's float32 QLinearAdd)."""
     layer, name = lw.quantized_layer(node), node.name
     ins = [lw.to_grid(t, q, f"{name}/{k}") for t, q, k in
-           zip(node.inputs, (layer.aq_a, layer.aq_b), ("a", "b"))]
+           zip(node.inputs, self.input_quantizers(layer), ("a", "b"))]
     scales = [float(g["scale"][0]) for _, g in ins]
     if lw.target.add_ir == "add_grid":
       offsets = []
@@ -42,7 +45,7 @@ class Add(OpKind):
       lw.accumulator(node.output, name, t_acc, np.asarray([1.0]), 2.0 ** 24)
       return
     s_max = max(scales)
-    left = lw.target.add_shift(max(g["bits"] for _, g in ins))
+    left = lw.target.add_shift(max(g["bits"] for _, g in ins), lw.consumer_bits(node))
     s_acc = 2 * s_max / 2 ** left
     mults = [lw.multiplier(s / (2 * s_max), 2.0 ** 30) for s in scales]
     t_acc = lw.new()
@@ -97,8 +100,9 @@ class AddIR(IROp):
 
   def for_family(self, op, family):
     """LiteRT's optimized int16 ADD (`litert-ruy`, and `litert-auto`, where XNNPACK takes no
-    int16 op): rule `vector16` (measured, `litert_rules.add_16x8`); otherwise the op as it is."""
-    if family in ("litert-ruy", "litert-auto") and max(op["a_bits"]) > 8:
+    int16 op; a tflite export's ADD with left shift 15, `tflite_target.ADD_SHIFT_16`): rule
+    `vector16` (measured, `litert_rules.add_16x8`); otherwise the op as it is."""
+    if family in ("litert-ruy", "litert-auto") and op["left_shift"] == 15:
       return dict(op, rule="vector16")
     return op
 

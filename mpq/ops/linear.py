@@ -54,6 +54,9 @@ class Linear(OpKind):
   def attrs(self, layer) -> dict:
     return {}
 
+  def input_quantizers(self, layer) -> tuple:
+    return (layer.aq,)
+
   def lower(self, lw, node) -> None:
     """`to_grid(input)`, then the IR op with the integer weights and int32 bias; the output is an
     accumulator at scale `s_in s_w,c` with a bound on its magnitude (for sums downstream)."""

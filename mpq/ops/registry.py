@@ -47,6 +47,11 @@ class OpKind:
   def cost(self, node) -> dict | None:
     return None
 
+  def input_quantizers(self, layer) -> tuple:
+    """The quantizers that put each input of a layer of this kind on its integer grid, in input
+    order (none for kinds without quantizers)."""
+    return ()
+
   def lower(self, lw, node) -> None:
     raise NotImplementedError
 
