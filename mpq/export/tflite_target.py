@@ -78,12 +78,13 @@ REQUANT_RULES = {
 # 2.3.0: `litert_rules.linear_16x8`, `add_16x8`; tests/test_litert_rules.py). CONV_2D and
 # DEPTHWISE_CONV_2D multiply the int64 accumulator by a 16-bit multiplier, `(M0 + 2^15) >> 16`, and
 # round once (ties toward +inf): rule `exact` with that multiplier times 2^16 (`multiplier_16x8`);
-# FULLY_CONNECTED rounds the exact product with M0 once, ties away from zero (rule
-# `single_away`); ADD with int16 inputs is the int8 ADD's fixed point with a left shift of 15
-# (rule `double`; its inputs' rescaling per family: `mpq.ops.add.AddIR.for_family`).
+# FULLY_CONNECTED rescales in double precision (`litert_rules.round_double`), which the int32
+# executor does not emulate, so a 16x8 dense layer is written as a 1x1 CONV_2D
+# (`DenseIR.tflite_op_16x8`); ADD with int16 inputs is the int8 ADD's fixed point with a left
+# shift of 15 (rule `double`; its inputs' rescaling per family: `mpq.ops.add.AddIR.for_family`).
 REQUANT_RULES.update({(f"{kind}/16x8", family): rule for family in FAMILIES
                       for kind, rule in (("CONV_2D", "exact"), ("DEPTHWISE_CONV_2D", "exact"),
-                                         ("FULLY_CONNECTED", "single_away"), ("ADD", "double"))})
+                                         ("ADD", "double"))})
 REDUCED_MULTIPLIER = ("CONV_2D", "DEPTHWISE_CONV_2D")  # 16x8 kernels with a 16-bit multiplier
 ADD_SHIFT, ADD_SHIFT_16 = 20, 15  # ADD's left shift of int8 and of int16 inputs (add.cc Prepare)
 
@@ -99,7 +100,6 @@ def requantizer(acc, s_out: float, out_max: float, out: dict | None = None,
   is, in double, exactly what LiteRT forms from the file's float32 scales (`s_in s_w`: a product
   of two float32 values is exact in double; ADD's `2 max(s_a, s_b) / 2^20`), reduced to 16 bits
   where a 16x8 conv does so (`multiplier_16x8`)."""
-  from mpq import ops  # pylint: disable=g-import-not-at-top
   from mpq.export.targets import fixed_point  # pylint: disable=g-import-not-at-top
   del out_max
   out_bits = 8
@@ -113,7 +113,7 @@ def requantizer(acc, s_out: float, out_max: float, out: dict | None = None,
                        "unsigned of at most 15 bits)")
     out_bits = out.get("bits", 8)
   producer = acc.producer or {}
-  kind = ops.ir_op(producer["op"]).tflite_op(producer) if "op" in producer else None
+  kind = tflite_kind(producer, out_bits) if "op" in producer else None
   if kind is None:
     what = producer.get("op", "this op")
     raise ValueError(f"the tflite target has no lowering yet for the output of {what!r}; "
@@ -140,6 +140,14 @@ def sixteen_bit(op: dict, out_bits: int) -> bool:
   `Writer.as_int16`, `Writer.fused_output`)."""
   bits = op.get("a_bits", 8)
   return max(bits if isinstance(bits, list) else [bits]) > 8 or out_bits > 8
+
+
+def tflite_kind(op: dict, out_bits: int) -> str | None:
+  """The TFLite op that IR op `op` (with an output grid of `out_bits`) becomes: in 16x8 mode
+  `IROp.tflite_op_16x8` (a dense layer is a 1x1 CONV_2D), else `IROp.tflite_op`."""
+  from mpq import ops  # pylint: disable=g-import-not-at-top
+  ir = ops.ir_op(op["op"])
+  return ir.tflite_op_16x8(op) if sixteen_bit(op, out_bits) else ir.tflite_op(op)
 
 
 def multiplier_16x8(m0: int, shift: int) -> tuple[int, int]:
@@ -269,7 +277,7 @@ def emulate(manifest: dict, tensors: dict, family: str) -> tuple[dict, dict]:
         "QUANTIZE", ratios=[_f32_ratio(op["input_scale"], op["scale"])]):
       op = dict(op, rule="xnnpack")
     src = producer.get(op.get("input")) if op["op"] == "requantize" else None
-    kind = ops.ir_op(src["op"]).tflite_op(src) if src is not None else None
+    kind = tflite_kind(src, op["bits"]) if src is not None else None
     if kind is None:
       index[op["name"]] = len(new_ops)
       new_ops.append(op)
@@ -436,6 +444,22 @@ class Writer:
       self.builder.add_operator("QUANTIZE", [x], [t])
       self.int16[name] = t
     return self.int16[name], -self._zero_point(name)
+
+  def like(self, t: int, tail) -> int:
+    """A new int16 tensor with the quantization of .tflite tensor `t` (int16, a 16x8 kernel's
+    input or output) and shape [batch, *tail], the batch dynamic."""
+    q = self.builder.tensors[t].quantization
+    return self.builder.add_tensor(f"{self.builder.tensors[t].name}/{len(tail) + 1}d",
+                                   [1, *tail], "int16", scale=q.scale, zero_point=q.zeroPoint,
+                                   signature=[-1, *tail])
+
+  def reshape(self, src: int, dst: int) -> None:
+    """RESHAPE of .tflite tensor `src` into `dst` (to `dst`'s shape, the batch dynamic)."""
+    shape = [-1, *self.builder.tensors[dst].shape[1:]]
+    new_shape = self.builder.add_tensor(f"{self.builder.tensors[dst].name}/shape", [len(shape)],
+                                        "int32", data=np.asarray(shape, np.int32))
+    self.builder.add_operator("RESHAPE", [src, new_shape], [dst],
+                              self.builder.options("ReshapeOptions", newShape=shape))
 
   def _zero_point(self, name: str) -> int:
     """The IR zero point of grid tensor `name` (the stored one less the offset)."""

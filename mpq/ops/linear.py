@@ -230,9 +230,9 @@ class LinearIR(IROp):
     return acc + jnp.asarray(tensors[op["bias"]], jnp.int32)
 
   # -- the tflite target
-  def tflite_layout(self, op, w_int, w):
-    """(weights in the TFLite op's layout, their quantized dimension, the op's options given the
-    fused activation): per op kind."""
+  def tflite_layout(self, op, w_int, w, kind):
+    """(weights in the layout of TFLite op `kind`, their quantized dimension, the op's options
+    given the fused activation): per op kind."""
     raise NotImplementedError
 
   def tflite_input(self, op, w) -> str:
@@ -246,21 +246,21 @@ class LinearIR(IROp):
     `tflite_target.sixteen_bit`) int16 input and output (converted from and to int8 around it
     where a side is 8-bit, exactly), int8 weights and an int64 bias. LiteRT derives the
     multipliers from these float32 scales, as the manifest's (`tflite_target.requantizer`)."""
-    kind = self.tflite_op(op)
+    r = w.requantize_of(op)
+    wide = not w.float and w.sixteen_bit(op, r["bits"])
+    kind = self.tflite_op_16x8(op) if wide else self.tflite_op(op)
     if kind is None:
       w.fail(op, "grouped convolutions other than depthwise (groups = input channels, one filter "
              "each) have no TFLite op")
     if op["w_bits"] > 8:
       w.fail(op, f"weights of {op['w_bits']} bits do not fit int8; the tflite target takes at "
              "most 8-bit weights")
-    r = w.requantize_of(op)
-    wide = not w.float and w.sixteen_bit(op, r["bits"])
     x, off = (w.as_int16 if wide else w.grid)(op, self.tflite_input(op, w))
     w_int = np.asarray(w.tensors[op["weight"]])
     cout = w_int.shape[-1]
     s_w = np.asarray(op["weight_scale"], np.float32)
     s_in = np.float32(op["input_scale"])
-    weights, qdim, options = self.tflite_layout(op, w_int, w)
+    weights, qdim, options = self.tflite_layout(op, w_int, w, kind)
     b = w.builder
     bias_scale = (s_in * s_w).astype(np.float32)
     if w.float:  # the float twin: dequantized weights and bias
@@ -281,7 +281,13 @@ class LinearIR(IROp):
     y, act = w.fused_output(r, wide=wide)
     if op["input_zero_point"] + off != b.tensors[x].quantization.zeroPoint[0]:
       w.fail(op, "its input zero point differs from its input tensor's")
-    b.add_operator(kind, [x, wt, bt], [y], options(act))
+    if kind == self.tflite_op(op):
+      b.add_operator(kind, [x, wt, bt], [y], options(act))
+    else:  # a dense layer as a 1x1 CONV_2D on [-1, 1, 1, K] (`DenseIR.tflite_op_16x8`)
+      x4, y4 = w.like(x, [1, 1, weights.shape[-1]]), w.like(y, [1, 1, cout])
+      w.reshape(x, x4)
+      b.add_operator(kind, [x4, wt, bt], [y4], options(act))
+      w.reshape(y4, y)
     w.finish_output(r["output"])
 
 
@@ -337,6 +343,13 @@ class DenseIR(LinearIR):
   def tflite_op(self, op):
     return "FULLY_CONNECTED"
 
+  def tflite_op_16x8(self, op):
+    """A 1x1 CONV_2D: LiteRT's 16x8 FULLY_CONNECTED rescales its int64 accumulator in double
+    precision (`litert_rules.round_double`), which mpq's int32 executor does not emulate; its
+    16x8 CONV_2D has the 16-bit fixed point that rule `exact` emulates (`litert_rules.
+    mbqm64_reduced`), and on a [-1, 1, 1, K] input computes the same sums."""
+    return "CONV_2D"
+
   def tflite_input(self, op, w) -> str:
     """A flattening dense layer on a [B, ...] input: RESHAPE to [-1, features] first (row-major,
     as the executor flattens)."""
@@ -356,7 +369,11 @@ class DenseIR(LinearIR):
                            w.builder.options("ReshapeOptions", newShape=[-1, k]))
     return name
 
-  def tflite_layout(self, op, w_int, w):
+  def tflite_layout(self, op, w_int, w, kind):
+    if kind == "CONV_2D":  # 1x1, OHWI
+      return w_int.T.reshape(w_int.shape[1], 1, 1, w_int.shape[0]), 0, lambda act: \
+          w.builder.options("Conv2DOptions", fusedActivationFunction=act, padding="VALID",
+                            strideH=1, strideW=1, dilationHFactor=1, dilationWFactor=1)
     keep = not op.get("flatten", True) and len(w.shapes[op["input"]]) > 2
     return w_int.T, 0, lambda act: w.builder.options(
         "FullyConnectedOptions", fusedActivationFunction=act, keepNumDims=keep)
@@ -396,7 +413,7 @@ class Conv2dIR(LinearIR):
       return "DEPTHWISE_CONV_2D"
     return None
 
-  def tflite_layout(self, op, w_int, w):
+  def tflite_layout(self, op, w_int, w, kind):
     """CONV_2D: [cout, kh, kw, cin] (OHWI), per-channel on axis 0; DEPTHWISE_CONV_2D: [1, kh,
     kw, cout], per-channel on axis 3, one filter per input channel."""
     sh, sw = op["stride"]

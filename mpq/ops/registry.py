@@ -133,6 +133,11 @@ class IROp:
     """The TFLite builtin op this IR op becomes, or None."""
     return None
 
+  def tflite_op_16x8(self, op) -> str | None:
+    """The TFLite builtin op this IR op becomes in 16x8 mode (int16 activations); default: the
+    same as `tflite_op`."""
+    return self.tflite_op(op)
+
   def for_family(self, op, family: str) -> dict:
     """The op as kernel family `family` (e.g. `litert-ruy`) computes it, for an op whose kernel
     depends on the family (`mean`, `requantize_grid`); a ValueError where it is not known."""
